@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Prepares everything ognet needs on a fresh machine, and does nothing that is already done.
+#   usage: source launch/setup_env.sh [extras]      (extras: e.g. "dev,deepspeed")
+# Afterwards $OGNET_PY is the virtual environment's python.
+# Environment: OGNET_VENV (default .venv), OGNET_TORCH (torch requirement installed first when the
+# venv has no torch; default: torch==2.13.0 on machines without an NVIDIA driver, plain torch otherwise).
+set -euo pipefail
+OGNET_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OGNET_VENV="${OGNET_VENV:-$OGNET_ROOT/.venv}"
+OGNET_EXTRAS="${1:-}"
+
+# 1. System library: open3d's wheel links against libusb-1.0.
+if ! ldconfig -p 2>/dev/null | grep -q 'libusb-1.0.so.0'; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] installing libusb-1.0-0 (needed by open3d)"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libusb-1.0-0) >/dev/null
+  else
+    echo "[setup] warning: libusb-1.0-0 is missing and this is not root; ask your admin for" \
+         "'apt-get install libusb-1.0-0' (Debian/Ubuntu) or 'dnf install libusb1' (RHEL)." >&2
+  fi
+fi
+
+# 2. Virtual environment.
+[ -x "$OGNET_VENV/bin/python" ] || { echo "[setup] creating $OGNET_VENV"; python3 -m venv "$OGNET_VENV"; }
+OGNET_PY="$OGNET_VENV/bin/python"
+export OGNET_PY
+
+# 3. torch first, pinned, so that nothing later pulls a multi-GB CUDA build by accident.
+if ! "$OGNET_PY" -c 'import torch' 2>/dev/null; then
+  if [ -z "${OGNET_TORCH:-}" ]; then
+    if command -v nvidia-smi >/dev/null; then OGNET_TORCH="torch"; else OGNET_TORCH="torch==2.13.0"; fi
+  fi
+  echo "[setup] installing $OGNET_TORCH"
+  "$OGNET_PY" -m pip install -q --disable-pip-version-check "$OGNET_TORCH" 2>&1 | grep -v 'is ignored' || true
+  "$OGNET_PY" -c 'import torch' || { echo "[setup] torch did not install" >&2; return 1 2>/dev/null || exit 1; }
+fi
+
+# 4. The project itself, editable; skipped when setup.cfg and the extras have not changed.
+stamp="$OGNET_VENV/.ognet-installed"
+want="$(cat "$OGNET_ROOT/setup.cfg" "$OGNET_ROOT/pyproject.toml" | sha256sum | cut -c1-16) [$OGNET_EXTRAS]"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  spec="$OGNET_ROOT"; [ -n "$OGNET_EXTRAS" ] && spec="$OGNET_ROOT[$OGNET_EXTRAS]"
+  echo "[setup] installing ognet ${OGNET_EXTRAS:+with extras $OGNET_EXTRAS}"
+  torch_pin="torch==$("$OGNET_PY" -c 'import torch; print(torch.__version__.split("+")[0])')"
+  "$OGNET_PY" -m pip install -q --disable-pip-version-check -e "$spec" "$torch_pin" 2>&1 | grep -v 'is ignored' || true
+  "$OGNET_PY" -c 'import ognet' || { echo "[setup] ognet did not install" >&2; return 1 2>/dev/null || exit 1; }
+  echo "$want" > "$stamp"
+fi
