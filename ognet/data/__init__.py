@@ -1,0 +1,1 @@
+"""The data path: point files -> layouts -> shards -> sampler -> transforms -> tensors."""
