@@ -1,0 +1,197 @@
+"""Process-group set-up for torchrun, SLURM (srun, one task per GPU) and a plain process, plus the
+few collectives the rest of ognet needs.
+
+Every helper is a no-op when there is no process group, so single-process code calls the same
+functions as distributed code. nccl on CUDA, gloo otherwise; CUDA is never required.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ognet.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job. `backend` is None when there is no process group."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str | None
+    is_main: bool
+
+
+def _env_int(name: str) -> int:
+    try:
+        return int(os.environ[name])
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={os.environ[name]!r} is not an integer") from None
+
+
+def _slurm_master_addr() -> str:
+    """First host of the job's node list, expanded by SLURM itself (node[01-04] -> node01)."""
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        raise ConfigError("SLURM run without MASTER_ADDR or SLURM_JOB_NODELIST: set MASTER_ADDR")
+    if shutil.which("scontrol") is None:
+        raise ConfigError(f"SLURM run without MASTER_ADDR and no `scontrol` to expand {nodelist!r}: set MASTER_ADDR")
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    hosts = out.stdout.split()
+    if not hosts:
+        raise ConfigError(f"`scontrol show hostnames {nodelist}` printed no host: set MASTER_ADDR")
+    return hosts[0]
+
+
+def _slurm_master_port() -> str:
+    """A port every task of the job derives alike; two jobs on one node rarely collide."""
+    if "SLURM_JOB_ID" not in os.environ:
+        raise ConfigError("SLURM run without MASTER_PORT or SLURM_JOB_ID: set MASTER_PORT")
+    return str(15000 + _env_int("SLURM_JOB_ID") % 20000)
+
+
+def _launcher_ranks() -> tuple[int, int, int] | None:
+    """(rank, local_rank, world_size) from torchrun or srun, or None for a plain process.
+
+    torchrun wins over SLURM so that `srun torchrun ...` works. For srun, MASTER_ADDR/MASTER_PORT
+    are filled in here when the batch script did not export them.
+    """
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        local_rank = _env_int("LOCAL_RANK") if "LOCAL_RANK" in os.environ else 0
+        return _env_int("RANK"), local_rank, _env_int("WORLD_SIZE")
+    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        if not os.environ.get("MASTER_ADDR"):
+            os.environ["MASTER_ADDR"] = _slurm_master_addr()
+        if not os.environ.get("MASTER_PORT"):
+            os.environ["MASTER_PORT"] = _slurm_master_port()
+        local_rank = _env_int("SLURM_LOCALID") if "SLURM_LOCALID" in os.environ else 0
+        return _env_int("SLURM_PROCID"), local_rank, _env_int("SLURM_NTASKS")
+    return None
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 600) -> DistInfo:
+    """Join the process group described by the launcher's environment (or none at all).
+
+    `backend` None picks nccl when CUDA is available and gloo otherwise. `timeout_s` bounds every
+    collective, so a rank that stops participating makes the others fail instead of hang.
+    """
+    cuda = torch.cuda.is_available()
+    backend = backend or ("nccl" if cuda else "gloo")
+    if backend == "nccl" and not cuda:
+        raise ConfigError("backend 'nccl' needs CUDA, which is not available here: use 'gloo'")
+    ranks = _launcher_ranks()
+    rank, local_rank, world_size = ranks if ranks is not None else (0, 0, 1)
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} is outside world size {world_size}")
+    if cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"local rank {local_rank} but only {torch.cuda.device_count()} GPUs visible: "
+                              "start one process per GPU")
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if ranks is None:
+        return DistInfo(0, 0, 1, device, None, True)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend, init_method="env://", rank=rank, world_size=world_size,
+            timeout=timedelta(seconds=timeout_s), device_id=device if backend == "nccl" else None,
+        )
+    return DistInfo(rank, local_rank, world_size, device, backend, rank == 0)
+
+
+def cleanup() -> None:
+    """Leave the process group (no-op without one)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of `x` over ranks (a new tensor, no gradient): for values that are reported, not trained."""
+    x = x.detach().clone()
+    if _active():
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's `x` along dim 0 in rank order (no gradient); shapes must be equal."""
+    if not _active():
+        return x
+    x = x.contiguous()
+    shapes = [torch.empty(x.dim(), dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(shapes, torch.tensor(x.shape, dtype=torch.long, device=x.device))
+    if any(not torch.equal(s, shapes[0]) for s in shapes):
+        raise ValueError(f"all_gather needs the same shape on every rank, got {[tuple(s.tolist()) for s in shapes]}; "
+                         "use all_gather_uneven for different lengths")
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x)
+    return torch.cat(out)
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Forward: gather. Backward: sum the gradients every rank computed for the gathered tensor,
+    then keep this rank's slice, so each input gets the gradient of the sum of all ranks' losses."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.rows = x.shape[0]
+        return all_gather(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        start = dist.get_rank() * ctx.rows
+        return grad[start:start + ctx.rows]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All-gather that gradients flow back through (equal shapes on every rank).
+
+    If every rank computes the same loss L of the gathered tensor, rank r's slice receives
+    world_size * dL/dx_r, which DDP's gradient averaging turns back into dL/dx_r.
+    """
+    if not _active():
+        return x
+    return _AllGatherWithGrad.apply(x)
+
+
+def all_gather_uneven(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's `x` along dim 0 in rank order when the lengths differ (no gradient).
+
+    Lengths are gathered first; slices are padded to the longest, gathered, and cut back.
+    """
+    if not _active():
+        return x
+    world = dist.get_world_size()
+    lengths = [torch.empty(1, dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(lengths, torch.tensor([x.shape[0]], dtype=torch.long, device=x.device))
+    lengths = [int(n) for n in lengths]
+    if max(lengths) == 0:
+        return x
+    padded = x.new_zeros((max(lengths), *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    out = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded)
+    return torch.cat([o[:n] for o, n in zip(out, lengths)])

@@ -1,0 +1,88 @@
+"""Start real multi-process runs from tests: torchrun, or SLURM-style tasks started by hand.
+
+Every run has a timeout, so a bug makes a test fail instead of hanging CI, and a failure shows
+the processes' output.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = Path(__file__).resolve().parent
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without any launcher's variables, with the repository importable."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("SLURM_")}
+    env.update(PYTHONPATH=f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `cmd` to completion; fail with its output if it errs or outlives `timeout`."""
+    try:
+        proc = subprocess.run(cmd, env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"{cmd} timed out after {timeout} s\n{e.stdout}\n{e.stderr}") from None
+    assert proc.returncode == 0, f"{cmd} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def torchrun(script: str, nproc: int, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=nproc tests/dist_scripts/<script> args...` on gloo."""
+    cmd = [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", str(SCRIPTS / script), *args]
+    return run(cmd, timeout=timeout)
+
+
+def python(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The same script as one plain process (no launcher: world size 1, no process group)."""
+    return run([sys.executable, str(SCRIPTS / script), *args], timeout=timeout)
+
+
+def start_slurm_tasks(script: str, ntasks: int, *args: str) -> list[subprocess.Popen]:
+    """Start `ntasks` processes with the variables srun gives its tasks on one node, no torchrun."""
+    port = str(free_port())
+    procs = []
+    for rank in range(ntasks):
+        env = clean_env(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS=str(ntasks),
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, str(SCRIPTS / script), *args], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
+    """Wait for `proc`; return (returncode, stdout + stderr). Kill it if it outlives `timeout`."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"{proc.args} timed out after {timeout} s\n{out}\n{err}") from None
+    return proc.returncode, out + err
+
+
+def slurm_tasks(script: str, ntasks: int, *args: str, timeout: float = 120) -> None:
+    """Run `script` as `ntasks` SLURM-style tasks; fail with their output if any errs or hangs."""
+    procs = start_slurm_tasks(script, ntasks, *args)
+    try:
+        for rank, proc in enumerate(procs):
+            rc, output = finish(proc, timeout)
+            assert rc == 0, f"task {rank} of {script} exited {rc}\n{output}"
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
