@@ -1,0 +1,143 @@
+"""Re-id losses: cross-entropy plus circle loss, the same numbers on one process or many.
+
+The circle term sees the global batch: features are all-gathered with gradient, every rank computes
+the same global value, and the gather's backward (sum over ranks) times DDP's averaging (1/W)
+gives each parameter exactly the single-process gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ognet.dist import all_gather, all_gather_with_grad, all_reduce_mean
+from ognet.errors import ConfigError
+
+CIRCLE_FORMS = ("global", "per_anchor")
+
+
+def _cosine_similarity(features: torch.Tensor) -> torch.Tensor:
+    """S = f̂f̂ᵀ with f̂ = f / (‖f‖ + 1e-6), the original's normalisation."""
+    f = features / (features.norm(dim=1, keepdim=True) + 1e-6)
+    return f @ f.t()
+
+
+def _zero_like_loss(features: torch.Tensor) -> torch.Tensor:
+    """A zero that backward can go through, so every rank runs the same backward collectives."""
+    return features.sum() * 0.0
+
+
+def circle_loss(features: torch.Tensor, labels: torch.Tensor, m: float = 0.25, gamma: float = 64.0) -> torch.Tensor:
+    """OG-Net's circle loss: one logsumexp over all positive and all negative pairs i < j.
+
+    Returns the sum-form value before the original's division by the batch size; 0 when the batch
+    has no positive or no negative pair (the original's softplus(-inf)).
+    """
+    n = features.shape[0]
+    i, j = torch.triu_indices(n, n, offset=1, device=features.device)
+    sim = _cosine_similarity(features)[i, j]
+    same = labels[i] == labels[j]
+    sp, sn = sim[same], sim[~same]
+    if sp.numel() == 0 or sn.numel() == 0:
+        return _zero_like_loss(features)
+    alpha_p = torch.clamp_min(1 + m - sp.detach(), 0)
+    alpha_n = torch.clamp_min(sn.detach() + m, 0)
+    logit_p = -gamma * alpha_p * (sp - (1 - m))
+    logit_n = gamma * alpha_n * (sn - m)
+    return F.softplus(torch.logsumexp(logit_n, 0) + torch.logsumexp(logit_p, 0))
+
+
+def circle_loss_per_anchor(
+    features: torch.Tensor, labels: torch.Tensor, m: float = 0.25, gamma: float = 64.0
+) -> torch.Tensor:
+    """fast-reid / pytorch-metric-learning circle loss: per anchor a logsumexp over its positives
+    and one over its negatives, softplus, mean over the anchors that have both (0 if none has)."""
+    n = features.shape[0]
+    same = labels[:, None] == labels[None, :]
+    pos = same & ~torch.eye(n, dtype=torch.bool, device=features.device)
+    neg = ~same
+    anchors = pos.any(1) & neg.any(1)
+    if not anchors.any():
+        return _zero_like_loss(features)
+    sim, pos, neg = _cosine_similarity(features)[anchors], pos[anchors], neg[anchors]
+    alpha_p = torch.clamp_min(1 + m - sim.detach(), 0)
+    alpha_n = torch.clamp_min(sim.detach() + m, 0)
+    logit_p = torch.where(pos, -gamma * alpha_p * (sim - (1 - m)), float("-inf"))
+    logit_n = torch.where(neg, gamma * alpha_n * (sim - m), float("-inf"))
+    return F.softplus(torch.logsumexp(logit_p, 1) + torch.logsumexp(logit_n, 1)).mean()
+
+
+@dataclass
+class LossTerms:
+    """`loss` is what this rank backwards. `ce`, `circle` and `total` are detached values over the
+    global batch: what one process with the whole global batch would report, equal on every rank."""
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    circle: torch.Tensor
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.ce + self.circle
+
+
+class ReidLoss(nn.Module):
+    """Cross-entropy (mean, no label smoothing) on this rank's logits, plus optionally a circle term
+    over the features of the whole global batch.
+
+    `circle_form="global"` is the original: circle_loss(global batch) / global batch size.
+    `"per_anchor"` is the fast-reid/PML form, already a mean, added as is. Which feature the circle
+    term sees is the caller's choice (the original uses the post-dropout one).
+    """
+
+    def __init__(self, circle: bool = False, m: float = 0.25, gamma: float = 64.0, circle_form: str = "global"):
+        super().__init__()
+        if circle_form not in CIRCLE_FORMS:
+            raise ConfigError(f"circle_form {circle_form!r} is not one of {', '.join(CIRCLE_FORMS)}")
+        self.circle, self.m, self.gamma, self.circle_form = circle, m, gamma, circle_form
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, features: torch.Tensor | None = None) -> LossTerms:
+        ce = F.cross_entropy(logits, labels)
+        loss = ce
+        circle = torch.zeros((), dtype=ce.dtype, device=ce.device)
+        if self.circle:
+            if features is None:
+                raise ValueError("ReidLoss(circle=True) needs the features")
+            all_features, all_labels = all_gather_with_grad(features), all_gather(labels)
+            if self.circle_form == "global":
+                circle = circle_loss(all_features, all_labels, self.m, self.gamma) / all_features.shape[0]
+            else:
+                circle = circle_loss_per_anchor(all_features, all_labels, self.m, self.gamma)
+            loss = ce + circle
+        return LossTerms(loss=loss, ce=all_reduce_mean(ce), circle=circle.detach())
+
+
+@dataclass(frozen=True)
+class LossWarmup:
+    """The original's loss warm-up, in closed form so that a resume gets the same factor.
+
+    The original multiplies the loss by a factor that starts at 0.1 and grows by 0.9/warm_iterations
+    every iteration (capped at 1) while epoch < warm_epochs, and by 1 from then on. `iteration`
+    counts every training iteration since the start, from 0.
+    """
+
+    warm_iterations: int
+    warm_epochs: int
+
+    def __post_init__(self) -> None:
+        if self.warm_epochs < 0 or (self.warm_epochs > 0 and self.warm_iterations < 1):
+            raise ConfigError(f"warm-up needs warm_epochs >= 0 and warm_iterations >= 1, got "
+                              f"{self.warm_epochs} and {self.warm_iterations}")
+
+    @classmethod
+    def original(cls, num_samples: int, batch_size: int, warm_epochs: int = 10) -> LossWarmup:
+        """warm_iterations = round(N / batch size) * warm_epochs, as the original computes it."""
+        return cls(round(num_samples / batch_size) * warm_epochs, warm_epochs)
+
+    def factor(self, iteration: int, epoch: int) -> float:
+        if epoch >= self.warm_epochs:
+            return 1.0
+        return min(1.0, 0.1 + 0.9 * (iteration + 1) / self.warm_iterations)
