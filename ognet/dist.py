@@ -63,7 +63,8 @@ def _launcher_ranks() -> tuple[int, int, int] | None:
     """(rank, local_rank, world_size) from torchrun or srun, or None for a plain process.
 
     torchrun wins over SLURM so that `srun torchrun ...` works. For srun, MASTER_ADDR/MASTER_PORT
-    are filled in here when the batch script did not export them.
+    are filled in here when the batch script did not export them. A plain `python` in an sbatch
+    script with --ntasks > 1 looks like task 0 of N and waits for the others: start it with srun.
     """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         local_rank = _env_int("LOCAL_RANK") if "LOCAL_RANK" in os.environ else 0
@@ -93,11 +94,12 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600) -> Dist
     if not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} is outside world size {world_size}")
     if cuda:
-        if local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"local rank {local_rank} but only {torch.cuda.device_count()} GPUs visible: "
-                              "start one process per GPU")
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        visible = torch.cuda.device_count()
+        gpu = local_rank if visible > 1 else 0  # srun --gpus-per-task=1 shows each task its GPU as cuda:0
+        if gpu >= visible:
+            raise ConfigError(f"local rank {local_rank} but only {visible} GPUs visible: start one process per GPU")
+        torch.cuda.set_device(gpu)
+        device = torch.device("cuda", gpu)
     else:
         device = torch.device("cpu")
     if ranks is None:
