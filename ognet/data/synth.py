@@ -116,12 +116,13 @@ class ImageSpec:
     name: str
 
     @property
-    def folder(self) -> str:
-        return "-1" if self.pid == JUNK else f"{self.pid:04d}"
-
-    @property
     def path(self) -> str:
-        return f"{self.split}/{self.folder}/{self.name}"
+        return f"{self.split}/{_pid_text(self.pid)}/{self.name}"
+
+
+def _pid_text(pid: int) -> str:
+    """Market's spelling of a pid, in folder and file names: 0002, 0000 (distractor), -1 (junk)."""
+    return "-1" if pid == JUNK else f"{pid:04d}"
 
 
 def plan_images(config: SynthConfig) -> list[ImageSpec]:
@@ -141,7 +142,7 @@ def plan_images(config: SynthConfig) -> list[ImageSpec]:
     def add(split: str, pid: int, cameras: list[int]) -> None:
         for index, camera in enumerate(cameras):
             frame = 200_000 * SPLITS.index(split) + 8 * index + int(rng.integers(1, 9))
-            name = (f"{'-1' if pid == JUNK else f'{pid:04d}'}_c{camera}s{int(rng.integers(1, 7))}"
+            name = (f"{_pid_text(pid)}_c{camera}s{int(rng.integers(1, 7))}"
                     f"_{frame:06d}_{int(rng.integers(1, 9)):02d}.jpg.obj")
             specs.append(ImageSpec(split, pid, index, camera, name))
 
@@ -156,8 +157,8 @@ def plan_images(config: SynthConfig) -> list[ImageSpec]:
     test_cameras = {pid: camera_cycle(max(q, g)) for pid, q, g in zip(test_pids, queries, gallery)}
     for pid, count in zip(test_pids, queries):
         add("query", pid, test_cameras[pid][:count])
-    for split_pid, count in ((JUNK, config.junk), (DISTRACTOR, config.distractors)):
-        add("gallery", split_pid, [int(c) for c in rng.integers(1, config.cameras + 1, count)])
+    for pid, count in ((JUNK, config.junk), (DISTRACTOR, config.distractors)):
+        add("gallery", pid, [int(c) for c in rng.integers(1, config.cameras + 1, count)])
     for pid, count in zip(test_pids, gallery):
         # the gallery starts one camera later than the queries: index 0 is then another camera
         add("gallery", pid, (test_cameras[pid] * 2)[1: count + 1])
@@ -188,10 +189,10 @@ _LIMBS = (("arm_l", "hand_l"), ("arm_r", "hand_r"), ("leg_l", "foot_l"), ("leg_r
 _GOLDEN_ANGLE = math.pi * (3 - math.sqrt(5))
 
 
-def _sphere(n: int, top: float = 1.0, bottom: float = -1.0) -> np.ndarray:
-    """Fibonacci lattice on the unit sphere between heights `bottom` and `top`: even spacing."""
+def _sphere(n: int, bottom: float) -> np.ndarray:
+    """Fibonacci lattice on the unit sphere above height `bottom` (-1: all of it): even spacing."""
     i = np.arange(n) + 0.5
-    y = top - (top - bottom) * i / n
+    y = 1 - (1 - bottom) * i / n
     r = np.sqrt(1 - y**2)
     phi = i * _GOLDEN_ANGLE
     return np.stack([r * np.cos(phi), y, r * np.sin(phi)], axis=1)
@@ -208,7 +209,7 @@ def _tube(rings: int, per_ring: int) -> np.ndarray:
 def _template() -> tuple[np.ndarray, dict[str, slice]]:
     units, slices, start = [], {}, 0
     for name, kind, size in _PARTS:
-        unit = _tube(*size) if kind == "tube" else _sphere(size, 1.0, 0.0 if kind == "dome" else -1.0)
+        unit = _tube(*size) if kind == "tube" else _sphere(size, 0.0 if kind == "dome" else -1.0)
         units.append(unit)
         slices[name] = slice(start, start + len(unit))
         start += len(unit)
@@ -362,7 +363,7 @@ def make_identity(rng: np.random.Generator) -> Identity:
                     shine=float(rng.choice([0.0, 0.25, 0.6], p=[0.6, 0.3, 0.1])))
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=8)  # images come in pid order; an identity is ~2 MB
 def identity_of(seed: int, pid: int) -> Identity:
     """The identity of a train or test pid: the same person in every split and image."""
     return make_identity(np.random.default_rng([seed, _IDENTITY, pid]))
@@ -390,7 +391,10 @@ class Camera:
 @functools.lru_cache(maxsize=16)
 def camera_of(seed: int, camera: int) -> Camera:
     rng = np.random.default_rng([seed, _CAMERA, camera])
-    scene = lambda: np.clip(np.asarray(_SCENES[rng.integers(len(_SCENES))]) + rng.normal(0, 0.04, 3), 0, 1)
+
+    def scene() -> np.ndarray:
+        return np.clip(np.asarray(_SCENES[rng.integers(len(_SCENES))]) + rng.normal(0, 0.04, 3), 0, 1)
+
     return Camera(pitch=rng.uniform(0.08, 0.35),
                   light=_normalise(np.array([rng.uniform(-0.6, 0.6), rng.uniform(0.3, 1.0), rng.uniform(0.4, 1.0)])),
                   gain=rng.uniform(0.75, 1.05), cast=1 + rng.normal(0, 0.06, 3), wall=scene(), ground=scene(),
@@ -414,7 +418,7 @@ def render_person(identity: Identity, camera: Camera, rng: np.random.Generator, 
     and is the front-most point of its pixel. `junk` frames the person badly (Market's -1 boxes).
     """
     rows, cols = 2 * math.isqrt(points // 2), math.isqrt(points // 2)
-    unit, parts = _template()
+    _, parts = _template()
     xyz, normal = identity.xyz.copy(), identity.normal.copy()
 
     # Walking pose: limbs swing about shoulders and hips in counter-phase.
