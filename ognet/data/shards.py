@@ -1,0 +1,385 @@
+"""Webdataset tar shards of point clouds, their index, and the two ways to read them.
+
+A split packs into `shard-000000.tar, shard-000001.tar, ...` plus `index.json`. Each sample is
+three tar members sharing the key `<8-digit sample index>`:
+
+    00000042.xyz.npy   float32 (N, 3)
+    00000042.rgb.npy   float32 (N, 3) in [0, 1]   (uint8 (N, 3) with colors="uint8")
+    00000042.json      {"index", "pid", "camid", "label", "path"}
+
+so plain `webdataset.WebDataset` and `tar` read them; nothing in them needs pickle. The index
+holds, per shard, its sample count, byte size and sha256, and per sample its pid, camid, label,
+source path, and where its members lie in the shard (byte offset, length, crc32). That lets
+`ShardReader` read any sample by index with one seek, which a sampler that picks identities
+needs; `stream_split` reads the same shards sequentially with webdataset, for evaluation-style
+passes. Both return identical `Sample`s.
+
+A location is a folder, an `http(s)://` URL prefix or a `pipe:` command prefix: the shard name is
+appended to it (`pipe:cat /data/train_all/` + `shard-000000.tar`). Remote shards are copied whole
+into a local cache, checked against their sha256, then read like local ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import tarfile
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, NamedTuple, Sequence
+
+import numpy as np
+
+from ognet.errors import ShardError
+from ognet.io import atomic_write
+
+INDEX_NAME = "index.json"
+INDEX_FORMAT = "ognet-shards"
+INDEX_VERSION = 1
+MEMBER_FIELDS = ("xyz.npy", "rgb.npy", "json")
+MAX_MEMBER_BYTES = 256 * 2**20
+
+
+class Sample(NamedTuple):
+    """One point cloud with its metadata, as both shard readers return it."""
+
+    index: int
+    xyz: np.ndarray  # (N, 3) float32
+    rgb: np.ndarray  # (N, 3) float32 in [0, 1]
+    pid: int
+    camid: int
+    label: int
+    path: str
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:06d}.tar"
+
+
+def sample_key(index: int) -> str:
+    return f"{index:08d}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing
+
+
+def encode_sample(index: int, xyz: np.ndarray, rgb: np.ndarray, meta: dict, colors: str = "float32") -> list[tuple[str, bytes]]:
+    """The tar members of one sample, in a fixed order."""
+    if colors == "uint8":
+        rgb = np.rint(rgb * 255.0).astype(np.uint8)
+    elif colors != "float32":
+        raise ValueError(f"colors must be 'float32' or 'uint8', got {colors!r}")
+    key = sample_key(index)
+    return [
+        (f"{key}.xyz.npy", _npy_bytes(xyz.astype(np.float32, copy=False))),
+        (f"{key}.rgb.npy", _npy_bytes(rgb)),
+        (f"{key}.json", json.dumps({"index": index, **meta}, sort_keys=True).encode()),
+    ]
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def write_shard(path: str | os.PathLike, samples: Sequence[list[tuple[str, bytes]]]) -> tuple[dict, list[list[int]]]:
+    """Write one tar atomically; return its index entry and per sample [offset, length, crc32].
+
+    Members are written with fixed metadata (mtime 0, root owner, mode 0444), so the same samples
+    always give byte-identical shards.
+    """
+    buf = io.BytesIO()
+    locations = []
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for members in samples:
+            start = buf.tell()
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size, info.mode, info.mtime = len(data), 0o444, 0
+                tar.addfile(info, io.BytesIO(data))
+            end = buf.tell()
+            locations.append([start, end - start, zlib.crc32(buf.getbuffer()[start:end])])
+    data = buf.getvalue()
+    with atomic_write(path) as f:
+        f.write(data)
+    entry = {"name": Path(path).name, "num_samples": len(samples), "bytes": len(data),
+             "sha256": hashlib.sha256(data).hexdigest()}
+    return entry, locations
+
+
+# ------------------------------------------------------------------------------------------------
+# The index
+
+
+@dataclass
+class ShardIndex:
+    """What `index.json` holds. Sample arrays are in sample-index order."""
+
+    split: str
+    shards: list[dict]
+    pids: np.ndarray
+    camids: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+    shard_ids: np.ndarray
+    locations: np.ndarray  # (num_samples, 3): byte offset in the shard, length, crc32
+    label_map: dict[int, int]
+    colors: str = "float32"
+
+    def __len__(self) -> int:
+        return len(self.pids)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_map)
+
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.labels[self.labels >= 0], minlength=self.num_classes)
+
+    def to_json(self) -> dict:
+        return {
+            "format": INDEX_FORMAT, "version": INDEX_VERSION, "split": self.split, "colors": self.colors,
+            "num_samples": len(self), "shards": self.shards,
+            "label_map": {str(k): v for k, v in self.label_map.items()},
+            "class_counts": self.class_counts().tolist(),
+            "samples": {"pid": self.pids.tolist(), "camid": self.camids.tolist(), "label": self.labels.tolist(),
+                        "path": self.paths, "shard": self.shard_ids.tolist(), "location": self.locations.tolist()},
+        }
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        path = Path(folder) / INDEX_NAME
+        with atomic_write(path, "w") as f:
+            json.dump(self.to_json(), f)
+        return path
+
+    @classmethod
+    def from_json(cls, data: dict, source: str) -> "ShardIndex":
+        if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
+            raise ShardError(f"{source}: not an ognet shard index (format {data.get('format') if isinstance(data, dict) else None!r})")
+        if data.get("version") != INDEX_VERSION:
+            raise ShardError(f"{source}: index version {data.get('version')!r}, this ognet reads {INDEX_VERSION}")
+        try:
+            s = data["samples"]
+            index = cls(
+                split=data["split"], shards=list(data["shards"]), colors=data.get("colors", "float32"),
+                pids=np.asarray(s["pid"], dtype=np.int64), camids=np.asarray(s["camid"], dtype=np.int64),
+                labels=np.asarray(s["label"], dtype=np.int64), paths=list(s["path"]),
+                shard_ids=np.asarray(s["shard"], dtype=np.int64),
+                locations=np.asarray(s["location"], dtype=np.int64).reshape(-1, 3),
+                label_map={int(k): int(v) for k, v in data["label_map"].items()},
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ShardError(f"{source}: malformed index ({type(e).__name__}: {e})") from e
+        index._check(source, data.get("num_samples"))
+        return index
+
+    def _check(self, source: str, num_samples: int | None) -> None:
+        n = len(self.pids)
+        lengths = {len(self.camids), len(self.labels), len(self.paths), len(self.shard_ids), len(self.locations)}
+        if lengths != {n} or (num_samples is not None and num_samples != n):
+            raise ShardError(f"{source}: per-sample arrays disagree in length ({sorted(lengths | {n})}, num_samples {num_samples})")
+        counts = np.bincount(self.shard_ids, minlength=len(self.shards)) if n else np.zeros(len(self.shards), int)
+        for i, shard in enumerate(self.shards):
+            name = shard.get("name", "")
+            if not _is_plain_name(name):
+                raise ShardError(f"{source}: shard name {name!r} is not a plain file name")
+            if len(counts) > len(self.shards) or counts[i] != shard.get("num_samples"):
+                raise ShardError(f"{source}: shard {name} lists {shard.get('num_samples')} samples, the sample table {counts[i]}")
+        if n and (self.shard_ids.min() < 0 or self.shard_ids.max() >= len(self.shards)):
+            raise ShardError(f"{source}: a sample refers to a shard that is not listed")
+        sizes = np.asarray([s["bytes"] for s in self.shards])
+        if n and ((self.locations[:, 0] < 0) | (self.locations[:, 1] <= 0)
+                  | (self.locations[:, 0] + self.locations[:, 1] > sizes[self.shard_ids])).any():
+            raise ShardError(f"{source}: a sample location lies outside its shard")
+
+
+def _is_plain_name(name: str) -> bool:
+    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..") and not name.startswith(".")
+
+
+def load_index(location: str | os.PathLike) -> ShardIndex:
+    """Read `index.json` from a folder, an http(s) URL prefix or a `pipe:` prefix."""
+    source = join_location(location, INDEX_NAME)
+    try:
+        raw = _read_url(source) if is_remote(location) else Path(source).read_bytes()
+    except (OSError, subprocess.SubprocessError) as e:
+        raise ShardError(f"{source}: cannot read shard index ({e})") from e
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardError(f"{source}: shard index is not valid JSON ({e})") from e
+    return ShardIndex.from_json(data, source)
+
+
+# ------------------------------------------------------------------------------------------------
+# Locations: local folders, http(s) URLs, pipe: commands
+
+
+def is_remote(location: str | os.PathLike) -> bool:
+    return str(location).startswith(("http://", "https://", "pipe:"))
+
+
+def join_location(location: str | os.PathLike, name: str) -> str:
+    location = str(location)
+    if is_remote(location):
+        return location + name if location.endswith(("/", " ")) else f"{location}/{name}"
+    return str(Path(location) / name)
+
+
+def _read_url(url: str) -> bytes:
+    if url.startswith("pipe:"):
+        return subprocess.run(url[5:], shell=True, check=True, capture_output=True, timeout=3600).stdout
+    with urllib.request.urlopen(url, timeout=60) as response:
+        return response.read()
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("OGNET_CACHE", Path.home() / ".cache" / "ognet" / "shards"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading
+
+
+class ShardReader:
+    """Random access to the samples of one packed split, by sample index.
+
+    Open files are kept per process (DataLoader workers each open their own on first use).
+    Remote shards are fetched whole into `cache_dir` the first time a sample of them is read.
+    """
+
+    def __init__(self, location: str | os.PathLike, cache_dir: str | os.PathLike | None = None):
+        self.location = str(location)
+        self.index = load_index(location)
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self._files: dict[int, io.BufferedReader] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> Sample:
+        n = len(self.index)
+        if not -n <= i < n:
+            raise IndexError(f"sample {i} out of range for {n} samples")
+        i = int(i) % n
+        shard = int(self.index.shard_ids[i])
+        offset, length, crc = (int(v) for v in self.index.locations[i])
+        where = f"{join_location(self.location, self.index.shards[shard]['name'])}, sample {i}"
+        f = self._open(shard)
+        f.seek(offset)
+        data = f.read(length)
+        if len(data) != length:
+            raise ShardError(f"{where}: shard is truncated ({len(data)} of {length} bytes at offset {offset})")
+        if zlib.crc32(data) != crc:
+            raise ShardError(f"{where}: checksum mismatch, the shard is corrupt")
+        members = dict(read_tar_members(data, where))
+        return decode_sample(members, sample_key(i), where)
+
+    def shard_path(self, shard: int) -> Path:
+        """A local path to a shard, fetching and checking it first if it is remote."""
+        entry = self.index.shards[shard]
+        if not is_remote(self.location):
+            return Path(self.location) / entry["name"]
+        cached = self.cache_dir / hashlib.sha256(self.location.encode()).hexdigest()[:16] / entry["name"]
+        if not cached.exists():
+            url = join_location(self.location, entry["name"])
+            try:
+                data = _read_url(url)
+            except (OSError, subprocess.SubprocessError) as e:
+                raise ShardError(f"{url}: cannot fetch shard ({e})") from e
+            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                raise ShardError(f"{url}: fetched shard does not match its sha256 in the index")
+            with atomic_write(cached) as f:
+                f.write(data)
+        return cached
+
+    def _open(self, shard: int) -> io.BufferedReader:
+        if self._pid != os.getpid():  # forked into a DataLoader worker: do not share file offsets
+            self._files, self._pid = {}, os.getpid()
+        f = self._files.get(shard)
+        if f is None:
+            path = self.shard_path(shard)
+            try:
+                f = self._files[shard] = open(path, "rb")
+            except OSError as e:
+                raise ShardError(f"{path}: cannot open shard ({e.strerror or e})") from e
+        return f
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+
+    def __getstate__(self) -> dict:  # open files do not travel to worker processes
+        return {**self.__dict__, "_files": {}}
+
+
+def read_tar_members(data: bytes, where: str) -> Iterator[tuple[str, bytes]]:
+    """The regular-file members of an in-memory tar, refusing anything a shard must not hold."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for info in tar:
+                if not info.isreg():
+                    raise ShardError(f"{where}: member {info.name!r} is not a regular file")
+                if not _is_plain_name(info.name):
+                    raise ShardError(f"{where}: member name {info.name!r} is not a plain file name")
+                if info.size > MAX_MEMBER_BYTES:
+                    raise ShardError(f"{where}: member {info.name!r} declares {info.size} bytes, over the limit")
+                f = tar.extractfile(info)
+                payload = f.read() if f else b""
+                if len(payload) != info.size:
+                    raise ShardError(f"{where}: member {info.name!r} is truncated")
+                yield info.name, payload
+    except tarfile.TarError as e:
+        raise ShardError(f"{where}: corrupt tar data ({e})") from e
+
+
+def decode_sample(members: dict[str, bytes], key: str, where: str) -> Sample:
+    """Build a `Sample` from its members (names `<key>.<field>`)."""
+    fields = {name.split(".", 1)[1] if "." in name else name: data for name, data in members.items()}
+    missing = [f for f in MEMBER_FIELDS if f not in fields]
+    if missing or any(name.split(".", 1)[0] != key for name in members):
+        raise ShardError(f"{where}: expected members {[f'{key}.{f}' for f in MEMBER_FIELDS]}, found {sorted(members)}")
+    try:
+        meta = json.loads(fields["json"])
+        xyz = np.lib.format.read_array(io.BytesIO(fields["xyz.npy"]), allow_pickle=False)
+        rgb = np.lib.format.read_array(io.BytesIO(fields["rgb.npy"]), allow_pickle=False)
+    except (ValueError, UnicodeDecodeError, EOFError) as e:
+        raise ShardError(f"{where}: cannot decode sample ({e})") from e
+    return make_sample(meta, xyz, rgb, where)
+
+
+def make_sample(meta: dict, xyz: np.ndarray, rgb: np.ndarray, where: str) -> Sample:
+    if rgb.dtype == np.uint8:
+        rgb = rgb.astype(np.float32) / np.float32(255.0)
+    if xyz.dtype != np.float32 or rgb.dtype != np.float32 or xyz.ndim != 2 or xyz.shape[1:] != (3,) or rgb.shape != xyz.shape:
+        raise ShardError(f"{where}: arrays have unexpected shapes/dtypes xyz {xyz.dtype}{xyz.shape}, rgb {rgb.dtype}{rgb.shape}")
+    try:
+        return Sample(int(meta["index"]), xyz, rgb, int(meta["pid"]), int(meta["camid"]), int(meta["label"]), str(meta["path"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ShardError(f"{where}: sample metadata is malformed ({e})") from e
+
+
+def stream_split(location: str | os.PathLike, cache_dir: str | os.PathLike | None = None, **webdataset_kwargs) -> Iterator[Sample]:
+    """Sequential read of a packed split with a plain webdataset pipeline, in sample order.
+
+    Remote shards go through the same local cache as `ShardReader`. Extra keyword arguments go to
+    `webdataset.WebDataset` (for example `nodesplitter`/`workersplitter` to split shards).
+    """
+    import webdataset as wds
+
+    reader = ShardReader(location, cache_dir)
+    urls = [str(reader.shard_path(i)) for i in range(len(reader.index.shards))]
+    kwargs = {"shardshuffle": False, "nodesplitter": None, "workersplitter": None, "empty_check": False, **webdataset_kwargs}
+    for sample in wds.WebDataset(urls, **kwargs):
+        where = f"{sample.get('__url__', location)}, sample {sample.get('__key__')}"
+        members = {f"{sample['__key__']}.{k}": v for k, v in sample.items() if not k.startswith("__")}
+        yield decode_sample(members, sample["__key__"], where)
