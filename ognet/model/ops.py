@@ -1,0 +1,191 @@
+"""Point operations of OG-Net in pure PyTorch: kNN, farthest point sampling, ball query, gathers.
+
+They reproduce the semantics of the original code (a dense matmul kNN and the modified
+`pointnet2_ops` CUDA kernels, reference sections 3.2 and 3.4) on any device, batched and
+vectorised. The index-producing ops (kNN, FPS, ball query) are reachable through one small
+interface, `PointOps`, so that a faster implementation (a Triton or CUDA kernel, torch_cluster)
+can replace them with `set_point_ops`; the functions here stay as the always-available reference
+and the test oracle. Index ops return int64 indices on the input's device and carry no gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+# Elements of a B x rows x N score/distance block above which kNN and ball query work in chunks of
+# query rows (2**25 float32 = 128 MiB); keeps memory bounded for large N and is cache-friendlier.
+MAX_BLOCK_ELEMENTS = 2**25
+
+# The FPS kernel skips points with squared norm <= 1e-3 (clouds are centred, so these sit at
+# the origin); it compares a float against this double, hence the float64 test below.
+FPS_MIN_SQUARED_NORM = 1e-3
+
+
+def _index_dtype(x: Tensor) -> torch.dtype:
+    """Distances for neighbour search in float32 at least, so bf16/fp16 runs pick the same points."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _row_chunks(batch: int, rows: int, cols: int, max_elements: int) -> Iterator[slice]:
+    step = max(1, max_elements // max(1, batch * cols))
+    for start in range(0, rows, step):
+        yield slice(start, min(rows, start + step))
+
+
+@torch.no_grad()
+def knn(x: Tensor, k: int, max_elements: int = MAX_BLOCK_ELEMENTS) -> Tensor:
+    """Indices (B, N, k) of the k nearest points of every point of x (B, C, N), itself included.
+
+    Score = -|a|^2 + 2 a.b - |b|^2 from one matrix product, as the original `knn`; topk(largest,
+    sorted), so the point itself (score 0) normally comes first. Rows are processed in chunks so
+    that at most `max_elements` scores exist at once instead of B x N x N.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.detach().to(_index_dtype(x))
+        batch, _, n = x.shape
+        if k > n:
+            raise ValueError(f"knn: k={k} neighbours requested but the cloud has only {n} points")
+        points = x.transpose(1, 2)  # (B, N, C)
+        sq = x.square().sum(1)  # (B, N)
+        neg_sq_cols = -sq.unsqueeze(1)  # (B, 1, N)
+        parts = []
+        for rows in _row_chunks(batch, n, n, max_elements):
+            score = torch.baddbmm(neg_sq_cols, points[:, rows], x, alpha=2.0)
+            score -= sq[:, rows].unsqueeze(2)
+            parts.append(score.topk(k, dim=-1).indices)
+        return torch.cat(parts, dim=1)
+
+
+@torch.no_grad()
+def farthest_point_sample(xyz: Tensor, m: int) -> Tensor:
+    """Indices (B, m) of m points of xyz (B, N, 3) picked by farthest point sampling.
+
+    As the modified CUDA kernel: the first index is 0; squared distances to the picked set start
+    at 1e10; points with squared norm <= 1e-3 are never picked after the first; if no valid point
+    exists the pick is 0. Ties go to the lowest index; the CUDA kernel's tree reduction resolves
+    exact ties differently, which only matters for exactly equal float distances. Works on
+    detached float32 coordinates; loops over the m picks, vectorised over batch and points.
+    """
+    with torch.autocast(xyz.device.type, enabled=False):
+        p = xyz.detach().float()
+        batch, n, _ = p.shape
+        x, y, z = (c.contiguous() for c in p.unbind(-1))  # (B, N) planes: cheap per-step ops
+        norm2 = x * x + y * y + z * z
+        # Invalid points hold -1 forever: min(-1, d) = -1 for any d >= 0, so argmax never picks
+        # them, and an all-invalid row gives argmax 0.
+        dist = torch.where(norm2.double() > FPS_MIN_SQUARED_NORM, 1e10, -1.0).to(torch.float32)
+        idx = torch.zeros(batch, m, dtype=torch.long, device=p.device)
+        last = idx[:, :1].clone()
+        d = torch.empty_like(dist)
+        for i in range(1, m):
+            torch.sub(x, x.gather(1, last), out=d).square_()
+            d.add_((y - y.gather(1, last)).square_())
+            d.add_((z - z.gather(1, last)).square_())
+            torch.minimum(dist, d, out=dist)
+            last = dist.argmax(dim=1, keepdim=True)  # first maximum: ties to the lowest index
+            idx[:, i : i + 1] = last
+        return idx
+
+
+def _squared_distances(centres: Tensor, xyz: Tensor) -> Tensor:
+    """(B, M, N) squared distances, coordinate by coordinate like the kernel (no cancellation)."""
+    d = (centres[..., 0:1] - xyz[..., 0].unsqueeze(1)).square_()
+    d += (centres[..., 1:2] - xyz[..., 1].unsqueeze(1)).square_()
+    d += (centres[..., 2:3] - xyz[..., 2].unsqueeze(1)).square_()
+    return d
+
+
+def _first_in_radius(d2: Tensor, radius2: float, nsample: int) -> Tensor:
+    """First `nsample` indices by index order with d2 < radius2, padded with the first hit, else 0."""
+    n = d2.shape[-1]
+    order = torch.arange(n, dtype=torch.int32, device=d2.device)
+    keys = torch.where(d2 < radius2, order, n)  # out of radius -> n, sorts last
+    picked = keys.topk(min(nsample, n), dim=-1, largest=False).values  # topk beats sort on CPU
+    first = picked[..., :1]
+    picked = torch.where(picked == n, first, picked)
+    picked = torch.where(first == n, 0, picked)
+    if nsample > n:  # fewer points than slots: the kernel pads with the first hit
+        picked = torch.cat([picked, picked[..., :1].expand(*picked.shape[:-1], nsample - n)], -1)
+    return picked.long()
+
+
+@torch.no_grad()
+def ball_query(
+    xyz: Tensor,
+    centres: Tensor,
+    radii: Sequence[float],
+    nsamples: Sequence[int],
+    max_elements: int = MAX_BLOCK_ELEMENTS,
+) -> list[Tensor]:
+    """For each (radius, nsample): indices (B, M, nsample) of points of xyz (B, N, 3) near centres.
+
+    As the kernel: the first `nsample` points in index order (not the nearest) with squared
+    distance strictly below radius^2, padded with the first hit; all zeros without a hit. Several
+    radii share one distance computation (a multi-scale layer asks for three), done in chunks of
+    centres so at most `max_elements` distances exist at once.
+    """
+    if len(radii) != len(nsamples):
+        raise ValueError(f"ball_query: {len(radii)} radii but {len(nsamples)} nsamples")
+    with torch.autocast(xyz.device.type, enabled=False):
+        dtype = _index_dtype(xyz)
+        xyz, centres = xyz.detach().to(dtype), centres.detach().to(dtype)
+        batch, m, _ = centres.shape
+        # radius^2 rounded like the kernel's `float radius2 = radius * radius`
+        radii2 = [float(torch.tensor(r, dtype=dtype).square()) for r in radii]
+        parts: list[list[Tensor]] = [[] for _ in radii]
+        for rows in _row_chunks(batch, m, xyz.shape[1], max_elements):
+            d2 = _squared_distances(centres[:, rows], xyz)
+            for out, r2, ns in zip(parts, radii2, nsamples):
+                out.append(_first_in_radius(d2, r2, ns))
+        return [torch.cat(p, dim=1) for p in parts]
+
+
+def gather_points(features: Tensor, idx: Tensor) -> Tensor:
+    """features (B, C, N), idx (B, M) -> (B, C, M); differentiable (backward is a scatter-add)."""
+    return features.gather(2, idx.unsqueeze(1).expand(-1, features.shape[1], -1))
+
+
+def group_points(features: Tensor, idx: Tensor) -> Tensor:
+    """features (B, C, N), idx (B, M, S) -> (B, C, M, S); differentiable."""
+    b, m, s = idx.shape
+    return gather_points(features, idx.reshape(b, m * s)).view(b, features.shape[1], m, s)
+
+
+@dataclass(frozen=True)
+class PointOps:
+    """The index-producing point ops the model calls. Replace with `set_point_ops`."""
+
+    knn: Callable[[Tensor, int], Tensor] = knn
+    farthest_point_sample: Callable[[Tensor, int], Tensor] = farthest_point_sample
+    ball_query: Callable[[Tensor, Tensor, Sequence[float], Sequence[int]], list[Tensor]] = ball_query
+
+
+REFERENCE_OPS = PointOps()
+_active_ops = REFERENCE_OPS
+
+
+def point_ops() -> PointOps:
+    """The implementation in use (the pure-PyTorch reference unless replaced)."""
+    return _active_ops
+
+
+def set_point_ops(ops: PointOps) -> PointOps:
+    """Use `ops` from now on in every model; returns the previous implementation."""
+    global _active_ops
+    previous, _active_ops = _active_ops, ops
+    return previous
+
+
+@contextlib.contextmanager
+def using_point_ops(ops: PointOps) -> Iterator[None]:
+    """Use `ops` inside a `with` block (tests, benchmarks comparing implementations)."""
+    previous = set_point_ops(ops)
+    try:
+        yield
+    finally:
+        set_point_ops(previous)
