@@ -152,7 +152,7 @@ def plan_images(config: SynthConfig) -> list[ImageSpec]:
 
     for pid, count in zip(train_pids, _spread(config.train_images, len(train_pids), rng, minimum=2)):
         add("train_all", pid, camera_cycle(count))
-    queries = _spread(config.query_images, len(test_pids), rng, minimum=1)
+    queries = _share(config.query_images, len(test_pids), rng)
     gallery = _spread(config.gallery_images, len(test_pids), rng, minimum=2)
     test_cameras = {pid: camera_cycle(max(q, g)) for pid, q, g in zip(test_pids, queries, gallery)}
     for pid, count in zip(test_pids, queries):
@@ -170,6 +170,13 @@ def _spread(total: int, n: int, rng: np.random.Generator, minimum: int) -> list[
     minimum = min(minimum, total // n)
     extra = rng.multinomial(total - minimum * n, rng.dirichlet(np.full(n, 2.0)))
     return (minimum + extra).tolist()
+
+
+def _share(total: int, n: int, rng: np.random.Generator) -> list[int]:
+    """`total` images over `n` identities as evenly as possible (Market: a query per camera)."""
+    counts = np.full(n, total // n)
+    counts[rng.choice(n, total % n, replace=False)] += 1
+    return counts.tolist()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,7 +321,8 @@ def make_identity(rng: np.random.Generator) -> Identity:
     for side, sign in (("l", 1), ("r", -1)):
         put(f"arm_{side}", _tapered_tube(unit[parts[f"arm_{side}"]], [sign * arm_x, shoulder_y, 0], arm_len,
                                          (arm_r, arm_r), (0.75 * arm_r, 0.75 * arm_r)))
-        put(f"hand_{side}", _ellipsoid(unit[parts[f"hand_{side}"]], [sign * arm_x, shoulder_y - arm_len - 0.03 * height, 0],
+        hand_y = shoulder_y - arm_len - 0.03 * height
+        put(f"hand_{side}", _ellipsoid(unit[parts[f"hand_{side}"]], [sign * arm_x, hand_y, 0],
                                        (0.7 * arm_r, 0.045 * height, 0.9 * arm_r)))
         put(f"leg_{side}", _tapered_tube(unit[parts[f"leg_{side}"]], [sign * leg_x, hip_y, 0], leg_len,
                                          (leg_r, leg_r), (0.62 * leg_r, 0.62 * leg_r)))
@@ -591,8 +599,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel processes (default: all cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(SynthConfig) if getattr(args, f.name) is not None}
-    config = dataclasses.replace(PRESETS[args.preset], **overrides)
+    sizes = {f.name: getattr(args, f.name) for f in dataclasses.fields(SynthConfig)}
+    config = dataclasses.replace(PRESETS[args.preset], **{k: v for k, v in sizes.items() if v is not None})
     try:
         config.validate()
     except ConfigError as e:
