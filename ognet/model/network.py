@@ -1,0 +1,228 @@
+"""OG-Net (`ModelE_dense` of the original code): dynamic-graph EdgeConv layers with multi-scale
+set abstraction, a max||mean head, a BN-neck retrieval feature and a linear classifier.
+
+Attribute names are those of the original model, so a state_dict of ours and one saved by the
+original code (wrapped in DataParallel) differ only by the `module.` prefix and the original's
+`logit_scale` (one parameter the circle-loss models create and never use):
+
+| ours                                   | original (`module.` + ...)     | what                        |
+|----------------------------------------|--------------------------------|-----------------------------|
+| `conv.{n}`                             | `conv.{n}`                     | EdgeConv 1x1 Conv2d, n = layer * num_conv + sub-block |
+| `agg.{n}.p`                            | `agg.{n}.p`                    | max/mean mix ("GeM") weight |
+| `bn.{n}`                               | `bn.{n}`                       | BatchNorm2d (`bn2`) or BatchNorm1d (`bn`) |
+| `sa.{s}.mlps.{b}.{0,1,3,4}`            | same                           | branch convs / BNs          |
+| `sa.{s}.mlps.{b}.2.se_{reduce,expand}` | same                           | SE gate                     |
+| `conv_s2.{s}.0`                        | same                           | Deep residual projection    |
+| `p_w`                                  | `p_w`                          | Deep residual mix weights   |
+| `embs.0`, `bn_embs.0`, `proj_output`   | same                           | head                        |
+| -                                      | `logit_scale`                  | unused; dropped on import   |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ognet.errors import ConfigError
+from ognet.model.blocks import MaxMeanPool, MaxPool, PointwiseConv, SetAbstraction, edge_features
+from ognet.model.ops import gather_points, point_ops
+
+
+@dataclass(frozen=True)
+class OGNetConfig:
+    """Constructor options of the original `ModelE_dense` that the paper's commands set."""
+
+    num_classes: int
+    feature_dims: tuple[int, ...] = (64, 128, 256, 512)
+    k: int = 20  # neighbours per point in EdgeConv
+    num_conv: int = 1  # EdgeConv sub-blocks per layer
+    id_skip: int = 0  # 2 = learnable residual around every layer (Deep)
+    init_points: int = 768  # centres picked by the first set abstraction
+    stride: int = 2  # centres shrink by this factor whenever the width grows
+    gem: bool = True  # learned max/mean mix instead of max over neighbours
+    norm: str = "bn2"  # "bn2": BatchNorm2d before aggregation; "bn": BatchNorm1d after it
+    dropout: float = 0.7
+    embedding_dim: int = 512
+    input_dims: int = 3  # rgb
+    use_xyz: bool = True  # xyz offsets join the grouped features in set abstraction
+    use_se: bool = True  # SE gate inside set-abstraction MLPs
+    radii: tuple[float, ...] = (0.1, 0.2, 0.4)
+    nsamples: tuple[int, ...] = (8, 16, 32)
+
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> ConfigError:
+            return ConfigError(f"model option {key}={getattr(self, key)!r}: {why}")
+
+        if self.num_classes < 1:
+            raise bad("num_classes", "must be >= 1")
+        if not self.feature_dims or any(d < 2 or d % 2 for d in self.feature_dims):
+            raise bad("feature_dims", "needs at least one even width >= 2")
+        for key in ("k", "num_conv", "init_points", "stride", "embedding_dim", "input_dims"):
+            if getattr(self, key) < 1:
+                raise bad(key, "must be >= 1")
+        if self.id_skip not in (0, 2):
+            raise bad("id_skip", "supported values are 0 (none) and 2 (learnable residual)")
+        if self.norm not in ("bn2", "bn"):
+            raise bad("norm", "expected 'bn2' or 'bn'")
+        if not 0 <= self.dropout < 1:
+            raise bad("dropout", "must be in [0, 1)")
+        if not self.radii or len(self.radii) != len(self.nsamples):
+            raise bad("radii", f"needs one nsample per radius, got nsamples={self.nsamples}")
+        if self.id_skip == 2:
+            dims = self.feature_dims
+            for i in range(1, len(dims)):
+                if dims[i] < dims[i - 1]:
+                    raise bad("feature_dims", f"id_skip=2 needs non-decreasing widths, layer {i}")
+
+    def sa_points(self) -> list[int | None]:
+        """Per layer: the number of centres its set abstraction keeps, or None (no downsampling).
+
+        Layer 0 always downsamples to init_points; a later layer halves (stride) the centres
+        whenever its width grows.
+        """
+        points: list[int | None] = [self.init_points]
+        npoint = self.init_points
+        for prev, dim in zip(self.feature_dims, self.feature_dims[1:]):
+            if dim > prev:
+                npoint //= self.stride
+                if npoint < 1:
+                    raise ConfigError(f"model options init_points/stride leave no centres at {dim}")
+                points.append(npoint)
+            else:
+                points.append(None)
+        if npoint < self.k:
+            raise ConfigError(f"model options leave {npoint} points in the last layer, fewer than k={self.k} neighbours")
+        return points
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "ognet": {},
+    "ognet-small": {"feature_dims": (48, 96, 192, 384)},
+    "ognet-deep": {"feature_dims": (48, 96, 96, 192, 192, 384, 384), "k": 9, "num_conv": 2, "id_skip": 2},
+}
+
+
+class ModelOutput(NamedTuple):
+    logits: Tensor  # (B, num_classes)
+    feature: Tensor  # (B, embedding_dim) BN-neck output: the retrieval feature
+    circle_feature: Tensor  # what the original's circle loss sees: `feature` after dropout (train)
+
+
+class OGNet(nn.Module):
+    """OG-Net; forward(xyz (B, N, 3), rgb (B, N, 3)) -> ModelOutput."""
+
+    def __init__(self, config: OGNetConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        dims = c.feature_dims
+        self.sa_layers = c.sa_points()
+        if c.id_skip == 2:
+            self.p_w = nn.Parameter(torch.zeros(len(dims)))
+        self.conv = nn.ModuleList()
+        self.agg = nn.ModuleList()
+        self.bn = nn.ModuleList()
+        norm = nn.BatchNorm2d if c.norm == "bn2" else nn.BatchNorm1d
+        for i, dim in enumerate(dims):
+            c_in = dims[i - 1] if i else c.input_dims
+            for j in range(c.num_conv):
+                self.conv.append(PointwiseConv(2 * (c_in if j == 0 else dim), dim))
+                self.agg.append(MaxMeanPool() if c.gem else MaxPool())
+                self.bn.append(norm(dim))
+        self.sa = nn.ModuleList(
+            SetAbstraction(npoint, dims[i], c.radii, c.nsamples, c.use_xyz, c.use_se)
+            for i, npoint in enumerate(self.sa_layers)
+            if npoint is not None
+        )
+        if c.id_skip == 2:
+            self.conv_s2 = nn.ModuleList(
+                nn.Sequential(nn.Linear(dims[i - 1] if i else c.input_dims, dims[i]), nn.LeakyReLU(0.2))
+                for i, npoint in enumerate(self.sa_layers)
+                if npoint is not None
+            )
+        self.embs = nn.ModuleList([nn.Linear(2 * dims[-1], c.embedding_dim, bias=False)])
+        self.bn_embs = nn.ModuleList([nn.BatchNorm1d(c.embedding_dim)])
+        self.dropout = nn.Dropout(c.dropout)
+        self.proj_output = nn.Linear(c.embedding_dim, c.num_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The original initialisation (reference 3.3)."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, a=0, mode="fan_in")
+            elif isinstance(m, nn.Linear):
+                nn.init.kaiming_normal_(m.weight, a=0, mode="fan_out")
+            elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+            if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.proj_output.weight, std=1e-6)  # initial logits ~1e-4
+        nn.init.zeros_(self.proj_output.bias)
+        for m in self.agg:
+            if isinstance(m, MaxMeanPool):
+                nn.init.zeros_(m.p)
+        if self.config.id_skip == 2:
+            nn.init.zeros_(self.p_w)
+
+    def _edge_conv(self, n: int, xyz_t: Tensor, h: Tensor, last_layer: bool) -> Tensor:
+        """One EdgeConv sub-block: kNN graph, Conv2d, BN, aggregation over k, LeakyReLU."""
+        # The last layer finds neighbours in xyz||feature space, the others in xyz space.
+        space = torch.cat([xyz_t, h], dim=1) if last_layer else xyz_t
+        idx = point_ops().knn(space, self.config.k)
+        e = self.conv[n](edge_features(h, idx))
+        if self.config.norm == "bn2":
+            e = self.bn[n](e)
+        h = self.agg[n](e)
+        if self.config.norm == "bn":
+            h = self.bn[n](h)
+        return F.leaky_relu(h, 0.2)
+
+    def forward(self, xyz: Tensor, rgb: Tensor) -> ModelOutput:
+        """xyz, rgb: (B, N, 3). Features are kept as (B, C, N) throughout."""
+        c = self.config
+        h = rgb.transpose(1, 2)
+        last = len(c.feature_dims) - 1
+        s = 0
+        for i, npoint in enumerate(self.sa_layers):
+            h_in, xyz_in = h, xyz
+            xyz_t = xyz.transpose(1, 2)
+            for j in range(c.num_conv):
+                h = self._edge_conv(i * c.num_conv + j, xyz_t, h, i == last)
+            if npoint is not None:
+                xyz, h, centre_idx = self.sa[s](xyz_in, h)
+                if c.id_skip == 2:
+                    picked = gather_points(h_in, centre_idx).transpose(1, 2)
+                    h_in = self.conv_s2[s](picked).transpose(1, 2)
+                s += 1
+            if c.id_skip == 2:
+                a = torch.sigmoid(self.p_w[i])
+                h = a * h_in + (1 - a) * h
+        pooled = torch.cat([h.amax(dim=2), h.mean(dim=2)], dim=1)
+        feature = self.bn_embs[0](self.embs[0](pooled))
+        circle_feature = self.dropout(feature)
+        return ModelOutput(self.proj_output(circle_feature), feature, circle_feature)
+
+
+def model_config(variant: str, num_classes: int, **overrides: Any) -> OGNetConfig:
+    """The config of a named variant with overrides; unknown variants or options raise ConfigError."""
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown model variant {variant!r}; expected one of {sorted(VARIANTS)}")
+    known = {f.name for f in dataclasses.fields(OGNetConfig)} - {"num_classes"}
+    for key in overrides:
+        if key not in known:
+            raise ConfigError(f"unknown model option {key!r}; expected one of {sorted(known)}")
+    options = {**VARIANTS[variant], **overrides}
+    for key in ("feature_dims", "radii", "nsamples"):
+        if key in options:
+            options[key] = tuple(options[key])
+    return OGNetConfig(num_classes=num_classes, **options)
+
+
+def build_model(variant: str, num_classes: int, **overrides: Any) -> OGNet:
+    """OG-Net variant `ognet`, `ognet-small` or `ognet-deep`, any option overridden by keyword."""
+    return OGNet(model_config(variant, num_classes, **overrides))
