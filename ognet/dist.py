@@ -136,6 +136,14 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum over ranks (a new tensor): flags that any rank raised."""
+    x = x.detach().clone()
+    if _active():
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
 def all_gather(x: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's `x` along dim 0 in rank order (no gradient); shapes must be equal."""
     if not _active():

@@ -11,8 +11,9 @@ order; this parser returns exactly that. open3d reads `.ply` and `.pcd`.
 
 from __future__ import annotations
 
-import io
 import os
+import zipfile
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -60,6 +61,9 @@ def validate_points(xyz: np.ndarray, rgb: np.ndarray | None, source: str | os.Pa
         raise DataError(f"{source}: points have no colours")
     xyz = np.asarray(xyz)
     rgb = np.asarray(rgb)
+    for name, values in (("coordinates", xyz), ("colours", rgb)):
+        if values.dtype.kind not in "iuf":  # strings, complex numbers, booleans, records
+            raise DataError(f"{source}: {name} have dtype {values.dtype}, expected real numbers")
     if xyz.ndim != 2 or xyz.shape[1] != 3:
         raise DataError(f"{source}: coordinates must have shape (N, 3), got {xyz.shape}")
     if len(xyz) == 0:
@@ -111,18 +115,22 @@ def _read_open3d(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def _read_numpy(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    # .npz members load lazily, so their errors (pickled members, bad zip data) come from the
+    # member accesses too; all of them are inside the try. Empty files give EOFError.
     try:
         loaded = np.load(path, allow_pickle=False)
-    except ValueError as e:  # pickled object arrays, truncated or foreign files
-        raise DataError(f"{path}: not a plain numeric array file ({e})") from e
-    if isinstance(loaded, np.lib.npyio.NpzFile):
-        with loaded:
-            keys = set(loaded.files)
-            if {"xyz", "rgb"} <= keys:
-                return loaded["xyz"], loaded["rgb"]
-            if "points" in keys:
-                return _split_columns(loaded["points"], path)
-            raise DataError(f"{path}: expected arrays 'xyz' and 'rgb' (or 'points' (N, 6)), found {sorted(keys)}")
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                keys = set(loaded.files)
+                if {"xyz", "rgb"} <= keys:
+                    return loaded["xyz"], loaded["rgb"]
+                if "points" in keys:
+                    return _split_columns(loaded["points"], path)
+                raise DataError(f"{path}: expected arrays 'xyz' and 'rgb' (or 'points' (N, 6)), found {sorted(keys)}")
+    except DataError:
+        raise
+    except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # pickled, truncated or foreign files
+        raise DataError(f"{path}: not a plain numeric array file ({type(e).__name__}: {e})") from e
     return _split_columns(loaded, path)
 
 
@@ -140,10 +148,8 @@ def write_obj(path: str | os.PathLike, xyz: np.ndarray, rgb: np.ndarray, decimal
     Atomic: the file appears only when complete.
     """
     cloud = validate_points(xyz, rgb, path)
-    buf = io.StringIO()
-    fmt = f"%.{decimals}f"
-    np.savetxt(buf, np.hstack([cloud.xyz, cloud.rgb]), fmt=fmt, delimiter=" ", newline="\n", header="", comments="")
-    text = "v " + buf.getvalue().rstrip("\n").replace("\n", "\nv ") + "\n"
+    line = "v " + " ".join([f"%.{decimals}f"] * 6) + "\n"  # one %-format over the whole array: 2x savetxt
+    text = (line * len(cloud.xyz)) % tuple(np.hstack([cloud.xyz, cloud.rgb]).ravel().tolist())
     if len(cloud.xyz) >= 3:
         text += "f 1 2 3\n"
     with atomic_write(path, "w") as f:

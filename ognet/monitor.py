@@ -1,0 +1,81 @@
+"""What a person watching a run sees: log lines on the main rank and TensorBoard event files.
+
+Only the main rank writes; every other rank gets a monitor that does nothing, so callers never
+test the rank themselves.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+class Monitor:
+    def __init__(self, log_dir: str | Path | None, enabled: bool):
+        self.enabled = enabled
+        self.writer = None
+        if enabled and log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(log_dir))
+        self.start = time.time()
+
+    def log(self, message: str) -> None:
+        if self.enabled:
+            print(f"[{time.time() - self.start:8.1f}s] {message}", flush=True)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """An (H, W, 3) uint8 picture."""
+        if self.writer is not None:
+            self.writer.add_image(tag, image, step, dataformats="HWC")
+
+    def point_cloud(self, tag: str, xyz: np.ndarray, rgb: np.ndarray, step: int) -> None:
+        """One coloured cloud for TensorBoard's mesh plugin (rgb in [0, 1])."""
+        if self.writer is not None:
+            import torch
+
+            colors = torch.from_numpy(np.clip(rgb * 255, 0, 255).astype(np.uint8))[None]
+            self.writer.add_mesh(tag, vertices=torch.from_numpy(xyz)[None], colors=colors, global_step=step)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def render_cloud(xyz: np.ndarray, rgb: np.ndarray, height: int = 192, width: int = 96) -> np.ndarray:
+    """Front view (x right, y up) of a coloured cloud as an (H, W, 3) uint8 picture; nearer points
+    (larger z) are painted last."""
+    xy = xyz[:, :2] - xyz[:, :2].mean(axis=0)
+    scale = 0.95 * min(height, 2 * width) / max(2 * np.abs(xy).max(), 1e-6)
+    cols = np.clip((xy[:, 0] * scale / 2 + width / 2).astype(int), 0, width - 1)
+    rows = np.clip((height / 2 - xy[:, 1] * scale / 2).astype(int), 0, height - 1)
+    order = np.argsort(xyz[:, 2], kind="stable")
+    image = np.full((height, width, 3), 255, np.uint8)
+    image[rows[order], cols[order]] = np.clip(rgb[order] * 255, 0, 255).astype(np.uint8)
+    return image
+
+
+def render_rank_list(clouds: list[tuple[np.ndarray, np.ndarray]], matches: list[bool | None], border: int = 4) -> np.ndarray:
+    """A row of rendered clouds: the query (grey frame), then its ranked gallery items framed green
+    (same identity) or red."""
+    colours = {None: (128, 128, 128), True: (0, 170, 0), False: (210, 0, 0)}
+    tiles = []
+    for (xyz, rgb), match in zip(clouds, matches):
+        tile = render_cloud(xyz, rgb)
+        framed = np.empty((tile.shape[0] + 2 * border, tile.shape[1] + 2 * border, 3), np.uint8)
+        framed[:] = colours[match]
+        framed[border:-border, border:-border] = tile
+        tiles.append(framed)
+    return np.concatenate(tiles, axis=1)
