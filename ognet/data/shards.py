@@ -378,8 +378,38 @@ def stream_split(location: str | os.PathLike, cache_dir: str | os.PathLike | Non
 
     reader = ShardReader(location, cache_dir)
     urls = [str(reader.shard_path(i)) for i in range(len(reader.index.shards))]
+    for url, entry in zip(urls, reader.index.shards):  # a truncated or missing shard fails here, by name
+        try:
+            size = os.path.getsize(url)
+        except OSError as e:
+            raise ShardError(f"{url}: missing or unreadable shard ({e.strerror or e})") from e
+        if size != entry["bytes"]:
+            raise ShardError(f"{url}: {size} bytes, the index says {entry['bytes']} (truncated or replaced)")
+    # tarfile's stream mode takes a corrupt header for the end of the archive, so webdataset can end
+    # a shard early without an error: each shard must yield its samples in order and completely.
+    counts = [int(entry["num_samples"]) for entry in reader.index.shards]
+    first = dict(zip(urls, np.cumsum([0] + counts[:-1]).tolist()))
+    expected = dict(zip(urls, counts))
+    url, read = None, 0
+
+    def check_complete() -> None:
+        if url is not None and read != expected[url]:
+            raise ShardError(f"{url}: {read} samples read, the index lists {expected[url]} (corrupt tar data)")
+
     kwargs = {"shardshuffle": False, "nodesplitter": None, "workersplitter": None, "empty_check": False, **webdataset_kwargs}
-    for sample in wds.WebDataset(urls, **kwargs):
-        where = f"{sample.get('__url__', location)}, sample {sample.get('__key__')}"
-        members = {f"{sample['__key__']}.{k}": v for k, v in sample.items() if not k.startswith("__")}
-        yield decode_sample(members, sample["__key__"], where)
+    where = f"{location}, before the first sample"
+    try:
+        for sample in wds.WebDataset(urls, **kwargs):
+            if sample["__url__"] != url:
+                check_complete()
+                url, read = sample["__url__"], 0
+            key = sample["__key__"]
+            where = f"{url}, sample {key}"
+            if key != sample_key(first[url] + read):
+                raise ShardError(f"{where}: expected sample {sample_key(first[url] + read)} here (corrupt tar data)")
+            read += 1
+            members = {f"{key}.{k}": v for k, v in sample.items() if not k.startswith("__")}
+            yield decode_sample(members, key, where)
+    except tarfile.TarError as e:  # webdataset appends the failing shard's URL to the message
+        raise ShardError(f"corrupt tar data after {where} ({e})") from e
+    check_complete()
