@@ -29,7 +29,7 @@ from ognet.data.dataset import TrainSet, train_loader
 from ognet.data.sampler import StratifiedSampler
 from ognet.data.shards import ShardReader, join_location
 from ognet.data.transforms import TransformConfig
-from ognet.errors import OgnetError
+from ognet.errors import ConfigError, OgnetError
 from ognet.losses import LossWarmup, ReidLoss
 from ognet.model import build_model
 from ognet.monitor import Monitor
@@ -262,6 +262,8 @@ def _train(config: Config, info: dist.DistInfo, run_dir: Path, ckpt_dir: Path, m
     model = build_model(config.model.variant, index.num_classes, **config.model.overrides)
     model_config = {"variant": config.model.variant, "num_classes": index.num_classes, "overrides": dict(config.model.overrides)}
     if t.sync_bn and info.world_size > 1:
+        if info.device.type != "cuda":
+            raise ConfigError("train.sync_bn needs CUDA devices: torch's SyncBatchNorm has no CPU path")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(info.device)
     if t.backend == "deepspeed":

@@ -3,5 +3,6 @@
 #   bash tests/run.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source launch/setup_env.sh dev
+source launch/setup_env.sh dev,deepspeed
+export DS_ACCELERATOR="${DS_ACCELERATOR:-$(command -v nvidia-smi >/dev/null && echo cuda || echo cpu)}"
 exec "$OGNET_PY" -m pytest tests "$@"

@@ -1,0 +1,119 @@
+"""End-to-end training runs on the tiny synthetic set: real processes (plain, torchrun, DeepSpeed),
+real checkpoints and TensorBoard event files read back."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from data_fixtures import tiny_shards  # noqa: F401  (fixture)
+from dist_scripts.procs import REPO, TORCHRUN, clean_env, run
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from ognet.checkpoint import checkpoint_steps, load_checkpoint
+
+TRAIN = str(REPO / "launch" / "train.py")
+
+
+def train_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    """A few seconds per epoch on 2 cores: 256-point clouds, OG-Net-Small with 64 centres."""
+    return ["--config", str(REPO / "configs" / "demo.yaml"), f"data.root={shards}", f"run_dir={run_dir}",
+            "data.num_workers=0", "model.overrides={init_points: 64, k: 4}", "train.epochs=2",
+            "train.global_batch_size=8", "train.max_steps_per_epoch=3", "train.log_every_steps=1",
+            "train.eval_every_epochs=0", "optim.loss_warmup_epochs=1", "eval.batch_size=16",
+            "eval.rank_list_queries=1", *extra]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model"]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.mark.slow
+def test_single_process_run_writes_checkpoints_metrics_and_tensorboard(tiny_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run([sys.executable, TRAIN, *train_args(tiny_shards, run_dir)], timeout=300)
+    assert "epoch 1 step 3/3" in proc.stdout and "Rank@1:" in proc.stdout
+
+    assert (run_dir / "config.yaml").exists()
+    assert [step for step, _ in checkpoint_steps(run_dir / "checkpoints")] == [3, 6]  # keep_checkpoints=2
+    final = load_checkpoint(run_dir / "model_last.pt")
+    assert final["model_config"]["variant"] == "ognet-small" and final["model_config"]["num_classes"] == 8
+    metrics = json.loads((run_dir / "metrics-eval.json").read_text())
+    assert metrics["num_queries"] == 12 and 0 <= metrics["rank1"] <= metrics["rank5"] <= metrics["rank10"] <= 1
+    assert (run_dir / "result.txt").read_text().count("Rank@1:") == 1
+
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert len(losses) == 6 and all(v == v and v > 0 for v in losses)
+    assert [e.step for e in events.Scalars("train/lr")] == list(range(1, 7))
+    assert events.Scalars("eval/rank1")[0].value == pytest.approx(metrics["rank1"])
+    assert "eval/rank_list_0" in events.Tags()["images"]
+
+
+@pytest.mark.slow
+def test_resume_mid_epoch_replays_bit_identically(tiny_shards, tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    args = ("train.checkpoint_every_steps=1", "train.keep_checkpoints=10", "eval.rank_list_queries=0")
+    run([sys.executable, TRAIN, *train_args(tiny_shards, full, *args)], timeout=300)
+
+    # Pretend the run died after global step 4 (epoch 1, step 1): keep only what existed then.
+    shutil.copytree(full, resumed)
+    for step, path in checkpoint_steps(resumed / "checkpoints"):
+        if step > 4:
+            path.unlink()
+    (resumed / "model_last.pt").unlink()
+    proc = run([sys.executable, TRAIN, *train_args(tiny_shards, resumed, *args)], timeout=300)
+    assert "resumed from" in proc.stdout and "epoch 1 step 1" in proc.stdout
+    assert_same_weights(full / "model_last.pt", resumed / "model_last.pt")
+
+
+@pytest.mark.slow
+def test_two_rank_ddp_run_is_reproducible(tiny_shards, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        run_dir = tmp_path / name
+        cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", TRAIN,
+               *train_args(tiny_shards, run_dir, "train.epochs=1", "eval.rank_list_queries=0")]
+        proc = run(cmd, timeout=300)
+        assert "on 2 x cpu (ddp, fp32)" in proc.stdout
+        runs.append(run_dir)
+    assert_same_weights(runs[0] / "model_last.pt", runs[1] / "model_last.pt")
+    assert json.loads((runs[0] / "metrics-eval.json").read_text())["num_queries"] == 12
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_run_and_resume(tiny_shards, tmp_path):
+    pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed (tests/run.sh installs it)")
+    run_dir = tmp_path / "ds"
+    env = clean_env(DS_ACCELERATOR="cpu")
+    base = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", TRAIN]
+    args = train_args(tiny_shards, run_dir, "train.backend=deepspeed", "eval.rank_list_queries=0",
+                      f"train.deepspeed_config={REPO / 'configs' / 'deepspeed' / 'zero2.json'}")
+    proc = run([*base, *args, "train.epochs=1"], env=env, timeout=400)
+    assert "(deepspeed, fp32)" in proc.stdout
+    tags = sorted(p.name for p in (run_dir / "checkpoints" / "deepspeed").iterdir() if p.is_dir())
+    assert tags == ["step-00000003.pt"]
+    assert len(list((run_dir / "checkpoints" / "deepspeed" / tags[0]).glob("*optim_states.pt"))) == 2  # one per rank
+
+    (run_dir / "model_last.pt").unlink()
+    proc = run([*base, *args], env=env, timeout=400)  # epochs=2: resumes after epoch 0
+    assert "resumed from" in proc.stdout and "epoch 1 step 3/3" in proc.stdout
+
+
+def test_bad_config_key_fails_before_any_work(tiny_shards, tmp_path):
+    cmd = [sys.executable, TRAIN, *train_args(tiny_shards, tmp_path / "run", "train.epoch=3")]
+    proc = __import__("subprocess").run(cmd, env=clean_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "unknown config key train.epoch" in proc.stderr
+    assert not (tmp_path / "run").exists()
