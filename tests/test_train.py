@@ -117,3 +117,45 @@ def test_bad_config_key_fails_before_any_work(tiny_shards, tmp_path):
     assert proc.returncode != 0
     assert "unknown config key train.epoch" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_two_ranks_half_batch_equal_one_process_full_batch(tmp_path):
+    """OG-Net, circle loss over the all-gathered batch, DDP averaging: same loss and gradients."""
+    from dist_scripts.procs import python, torchrun
+
+    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
+    python("ognet_equivalence.py", str(tmp_path / "one"), timeout=300)
+    torchrun("ognet_equivalence.py", 2, str(tmp_path / "two"), timeout=300)
+    one = torch.load(tmp_path / "one" / "rank0.pt", weights_only=True)
+    for rank in range(2):
+        two = torch.load(tmp_path / "two" / f"rank{rank}.pt", weights_only=True)
+        assert two.keys() == one.keys() and len(one) > 50
+        torch.testing.assert_close(two["loss"], one["loss"], rtol=1e-6, atol=1e-9)
+        for name in one:
+            torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-8, msg=f"gradient of {name}")
+
+
+@pytest.mark.slow
+def test_two_nodes_c10d_rendezvous_train_together(tiny_shards, tmp_path):
+    """Two torchrun "nodes" on localhost, one process each, joined by a c10d rendezvous."""
+    import subprocess
+
+    from dist_scripts.procs import free_port
+
+    endpoint = f"127.0.0.1:{free_port()}"
+    cmd = [str(TORCHRUN), "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}",
+           "--rdzv_id=test-job", TRAIN, *train_args(tiny_shards, tmp_path / "run", "train.epochs=1", "eval.rank_list_queries=0")]
+    nodes = [subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = []
+    for node in nodes:
+        try:
+            stdout, stderr = node.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for other in nodes:
+                other.kill()
+            raise AssertionError("the two-node run did not finish in 300 s")
+        assert node.returncode == 0, stderr[-3000:]
+        outputs.append(stdout)
+    assert sum("on 2 x cpu (ddp, fp32)" in out for out in outputs) == 1  # printed by the global rank 0 only
+    assert (tmp_path / "run" / "model_last.pt").exists()
