@@ -16,7 +16,8 @@ passes. Both return identical `Sample`s.
 
 A location is a folder, an `http(s)://` URL prefix or a `pipe:` command prefix: the shard name is
 appended to it (`pipe:cat /data/train_all/` + `shard-000000.tar`). Remote shards are copied whole
-into a local cache, checked against their sha256, then read like local ones.
+into a local cache (`<cache>/<sha256 prefix>/<shard name>`), checked against their sha256, then read
+like local ones.
 """
 
 from __future__ import annotations
@@ -288,7 +289,8 @@ class ShardReader:
         entry = self.index.shards[shard]
         if not is_remote(self.location):
             return Path(self.location) / entry["name"]
-        cached = self.cache_dir / hashlib.sha256(self.location.encode()).hexdigest()[:16] / entry["name"]
+        # keyed by content, not by URL: any spelling of the location shares it, a re-packed one never reads stale shards
+        cached = self.cache_dir / entry["sha256"][:32] / entry["name"]
         if not cached.exists():
             url = join_location(self.location, entry["name"])
             try:
