@@ -31,8 +31,8 @@ from ognet.data.dataset import EvalSet, SamplerBatches, TrainSet, train_loader
 from ognet.data.layouts import label_map, scan_split
 from ognet.data.pack import PARTS_DIR, PackOptions, main as pack_main, pack_dataset, verify_main, verify_split
 from ognet.data.sampler import StratifiedSampler
-from ognet.data.shards import (INDEX_NAME, ShardIndex, ShardReader, encode_sample, load_index, read_tar_members,
-                               shard_name, stream_split, write_shard)
+from ognet.data.shards import (INDEX_NAME, ShardIndex, ShardReader, encode_sample, load_index, read_npy,
+                               read_tar_members, shard_name, stream_split, write_shard)
 from ognet.data.transforms import TransformConfig, transform
 from ognet.errors import DataError, ShardError
 
@@ -446,7 +446,7 @@ def member(name: str, kind: bytes = tarfile.REGTYPE, size: int = 4, target: str 
     (member(".hidden"), "member name '.hidden' is not a plain file name"),
     (member("00000000.xyz.npy", tarfile.SYMTYPE, target="/etc/passwd"), "member '00000000.xyz.npy' is not a regular file"),
     (member("00000000.rgb.npy", tarfile.LNKTYPE, target="00000000.xyz.npy"), "member '00000000.rgb.npy' is not a regular file"),
-    (member("somedir", tarfile.DIRTYPE), "member 'somedir' is not a regular file"),
+    (member("somedir", tarfile.DIRTYPE), "member 'somedir/' is not a regular file"),  # tar's own spelling
 ])
 def test_hostile_tar_members_are_refused(info, message):
     data = tar_bytes(member("00000000.json"), info)
@@ -460,6 +460,59 @@ def test_garbage_and_truncated_tar_data_are_refused():
         list(read_tar_members(data[:2000], "w"))
     with pytest.raises(ShardError, match="^w: corrupt tar data"):
         list(read_tar_members(b"\x01" * 1024, "w"))
+
+
+def test_tar_parser_agrees_with_tarfile(tiny_shards):
+    """The reader's small ustar parser returns what tarfile does, whole shards included."""
+    folder = tiny_shards / "gallery"
+    for entry in load_index(folder).shards:
+        data = (folder / entry["name"]).read_bytes()
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            want = [(m.name, tar.extractfile(m).read()) for m in tar]
+        assert list(read_tar_members(data, "t")) == want
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_extension_headers_are_refused(fmt):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        tar.addfile(member("0" * 120 + ".json", size=2), io.BytesIO(b"{}"))  # a long name needs an extension
+    with pytest.raises(ShardError, match="^t: member '.*' is not a regular file"):
+        list(read_tar_members(buf.getvalue(), "t"))
+
+
+def test_damaged_tar_headers_are_refused():
+    data = bytearray(tar_bytes(member("00000000.json")))
+    data[10] ^= 0x01  # in the name: the header checksum no longer matches
+    with pytest.raises(ShardError, match="^t: corrupt tar data \\(bad header checksum at byte 0\\)"):
+        list(read_tar_members(bytes(data), "t"))
+    data = tar_bytes(member("00000000.json"))
+    with pytest.raises(ShardError, match="^t: corrupt tar data \\(100 stray bytes at the end\\)"):
+        list(read_tar_members(data[:1024] + b"x" * 100, "t"))
+
+
+@pytest.mark.parametrize("array", [np.arange(12, dtype=np.float32).reshape(4, 3), np.zeros((0, 3), np.uint8),
+                                   np.asfortranarray(np.arange(6.0).reshape(2, 3)), np.float32(3.5)])
+@pytest.mark.parametrize("version", [(1, 0), (2, 0)])
+def test_read_npy_matches_numpy(array, version):
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, array, version=version)
+    out = read_npy(buf.getvalue())
+    assert out.dtype == array.dtype and out.shape == array.shape and out.flags.writeable
+    np.testing.assert_array_equal(out, array)
+
+
+def test_read_npy_refuses_pickles_and_short_data():
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.array([1, None], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="object arrays"):
+        read_npy(buf.getvalue())
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.zeros((10, 3), np.float32))
+    with pytest.raises(ValueError):
+        read_npy(buf.getvalue()[:-4])
+    with pytest.raises(ValueError, match="not an .npy payload"):
+        read_npy(b"PK\x03\x04 something else")
 
 
 def test_reader_refuses_a_shard_with_a_hostile_member(tmp_path):
