@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -89,5 +90,7 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
 
 
 def prune_checkpoints(folder: str | Path, keep: int) -> None:
+    """Keep the newest `keep` training checkpoints (and their DeepSpeed partitions)."""
     for _, path in checkpoint_steps(folder)[:-keep] if keep > 0 else []:
         path.unlink(missing_ok=True)
+        shutil.rmtree(path.parent / "deepspeed" / path.name, ignore_errors=True)

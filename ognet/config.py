@@ -151,7 +151,7 @@ def save_config(config: Config, path: str | Path) -> None:
 
 
 def validate(config: Config) -> None:
-    flat = _flatten(config.to_dict())
+    flat = flatten(config.to_dict())
     for key, choices in _CHOICES.items():
         if flat[key] not in choices:
             raise ConfigError(f"{key} = {flat[key]!r} is not one of {', '.join(choices)}")
@@ -236,6 +236,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     for t in allowed:
         if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if t is float and isinstance(value, str):  # YAML 1.1 reads "4e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if t is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if t is tuple and isinstance(value, (list, tuple)):
@@ -246,11 +251,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     raise ConfigError(f"config key {key} must be {names}, got {value!r} ({type(value).__name__})")
 
 
-def _flatten(data: dict, prefix: str = "") -> dict:
+def flatten(data: dict, prefix: str = "") -> dict:
+    """{"train": {"epochs": 3}} -> {"train.epochs": 3}; model overrides stay one value."""
     out = {}
     for key, value in data.items():
         if isinstance(value, dict) and key != "overrides":
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out

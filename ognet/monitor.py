@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 
 class Monitor:
@@ -24,7 +25,7 @@ class Monitor:
 
     def log(self, message: str) -> None:
         if self.enabled:
-            print(f"[{time.time() - self.start:8.1f}s] {message}", flush=True)
+            tqdm.write(f"[{time.time() - self.start:8.1f}s] {message}")
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer is not None:
@@ -43,6 +44,22 @@ class Monitor:
 
             colors = torch.from_numpy(np.clip(rgb * 255, 0, 255).astype(np.uint8))[None]
             self.writer.add_mesh(tag, vertices=torch.from_numpy(xyz)[None], colors=colors, global_step=step)
+
+    def hparams(self, config: dict, metric_tags: list[str]) -> None:
+        """The run's hyper-parameters for TensorBoard's HParams tab, written into this run's own
+        event file (SummaryWriter.add_hparams would start a separate run) and as text."""
+        if self.writer is None:
+            return
+        import yaml
+        from torch.utils.tensorboard.summary import hparams
+
+        from ognet.config import flatten
+
+        flat = flatten(config)
+        values = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
+        for summary in hparams(values, {tag: 0.0 for tag in metric_tags}):
+            self.writer.file_writer.add_summary(summary)
+        self.writer.add_text("config", "```\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)
 
     def flush(self) -> None:
         if self.writer is not None:

@@ -84,6 +84,20 @@ def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
                             amsgrad=o.amsgrad)
 
 
+def grad_norm(optimizer: torch.optim.Optimizer) -> float:
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated GPU memory, or the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class DDPEngine:
     """DistributedDataParallel (or the bare model in a single process), autocast, fp16 grad scaling."""
 
@@ -104,15 +118,20 @@ class DDPEngine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def backward_and_step(self, loss: torch.Tensor) -> None:
+    def backward_and_step(self, loss: torch.Tensor) -> float:
+        """One optimizer step; returns the gradient norm (of the unscaled gradients)."""
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            norm = grad_norm(self.optimizer)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             loss.backward()
+            norm = grad_norm(self.optimizer)
             self.optimizer.step()
+        return norm
 
     def save(self, folder: Path, tag: str) -> dict[str, Any]:
         """Optimizer state, to be stored in the main rank's checkpoint."""
@@ -144,9 +163,11 @@ class DeepSpeedEngine(DDPEngine):
     def autocast(self):
         return torch.autocast(self.device.type, enabled=False)  # DeepSpeed casts the module itself
 
-    def backward_and_step(self, loss: torch.Tensor) -> None:
+    def backward_and_step(self, loss: torch.Tensor) -> float:
         self.model.backward(loss)
         self.model.step()
+        norm = self.model.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
 
     def save(self, folder: Path, tag: str) -> dict[str, Any]:
         self.model.save_checkpoint(str(folder / "deepspeed"), tag=tag)
@@ -303,13 +324,16 @@ def _train(config: Config, info: dist.DistInfo, run_dir: Path, ckpt_dir: Path, m
                 f"{info.world_size} x {info.device.type} ({t.backend}, {t.precision}): {len(index)} samples, "
                 f"{index.num_classes} identities, global batch {t.global_batch_size}, {steps_per_epoch} steps/epoch, "
                 f"{t.epochs} epochs -> {run_dir}")
+    monitor.hparams(config.to_dict(), ["eval/rank1", "eval/mAP"])
     metrics: dict[str, Any] = {}
     while progress.epoch < t.epochs:
         epoch = progress.epoch
         loader = train_loader(dataset, sampler, epoch, progress.step, config.data.num_workers, info.device.type == "cuda")
         engine.model.train()
-        tic, seen = time.time(), 0
+        tic = last = time.time()
+        seen, waited, norm = 0, 0.0, float("nan")
         for xyz, rgb, labels in loader:
+            waited += time.time() - last
             if progress.step >= steps_per_epoch:
                 break
             lr = learning_rate(config, epoch, progress.step, steps_per_epoch)
@@ -328,7 +352,7 @@ def _train(config: Config, info: dist.DistInfo, run_dir: Path, ckpt_dir: Path, m
                 monitor.log(f"preemption signal: checkpoint written at global step {progress.global_step}; exiting")
                 raise Preempted(str(latest_checkpoint(ckpt_dir)))
             if not nonfinite:
-                engine.backward_and_step(terms.loss * factor)
+                norm = engine.backward_and_step(terms.loss * factor)
             elif t.nonfinite == "skip":
                 progress.skipped_steps += 1
                 monitor.log(f"non-finite loss at epoch {epoch} step {progress.step}: step skipped "
@@ -339,17 +363,25 @@ def _train(config: Config, info: dist.DistInfo, run_dir: Path, ckpt_dir: Path, m
             progress.step += 1
             progress.global_step += 1
             seen += len(labels) * info.world_size
+            if progress.global_step == 1:
+                for i in range(min(2, len(labels))):
+                    monitor.point_cloud(f"train/cloud_{i}", xyz[i].cpu().numpy(), rgb[i].cpu().numpy() + 0.5, 1)
             if progress.global_step % t.log_every_steps == 0 or progress.step == steps_per_epoch:
-                rate = seen / max(time.time() - tic, 1e-9)
+                elapsed = max(time.time() - tic, 1e-9)
+                rate = seen / elapsed
                 monitor.log(f"epoch {epoch} step {progress.step}/{steps_per_epoch} loss {terms.total.item():.4f} "
                             f"(ce {terms.ce.item():.4f} circle {terms.circle.item():.4f}) x{factor:.3f} lr {lr:.2e} "
                             f"{rate:.1f} samples/s")
                 monitor.scalars({"train/loss": terms.total.item(), "train/ce": terms.ce.item(),
                                  "train/circle": terms.circle.item(), "train/loss_warmup": factor, "train/lr": lr,
-                                 "train/samples_per_s": rate, "train/skipped_steps": progress.skipped_steps},
+                                 "train/samples_per_s": rate, "train/skipped_steps": progress.skipped_steps,
+                                 "train/grad_norm": norm, "train/data_wait_fraction": waited / elapsed,
+                                 "train/step_time_s": elapsed / max(seen / len(labels) / info.world_size, 1),
+                                 "train/peak_memory_mb": peak_memory_mb(info.device)},
                                 progress.global_step)
             if t.checkpoint_every_steps and progress.global_step % t.checkpoint_every_steps == 0 and progress.step < steps_per_epoch:
                 checkpoint()
+            last = time.time()
         if average is not None and epoch >= wa_start:
             average.update(model)
         progress.epoch, progress.step = epoch + 1, 0
