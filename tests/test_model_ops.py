@@ -152,9 +152,11 @@ def test_knn_with_ties_returns_k_nearest_distances():
 
 def test_knn_chunked_equals_whole_and_feature_space():
     x = torch.randn(3, 16, 90, dtype=torch.float64)
-    whole = ops.knn(x, 7)
+    whole = ops.knn(x, 7, max_elements=2**30)
     assert torch.equal(whole, ops.knn(x, 7, max_elements=3 * 90 * 4))
     assert torch.equal(whole, ops.knn(x, 7, max_elements=1))
+    big = torch.randn(1, 3, 1100)  # above the default CPU block size
+    assert torch.equal(ops.knn(big, 5), ops.knn(big, 5, max_elements=2**30))
 
 
 def test_knn_rejects_k_above_points():

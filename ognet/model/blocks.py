@@ -22,6 +22,14 @@ def edge_features(h: Tensor, idx: Tensor) -> Tensor:
     return torch.cat([neighbours - centres, centres], dim=1)
 
 
+def max_last(x: Tensor) -> Tensor:
+    """Max over the last dim whose gradient goes to one maximum, as the original's max / max_pool2d.
+
+    (`amax` splits it among ties and its backward makes several full-size passes.)
+    """
+    return x.max(dim=-1).values
+
+
 class PointwiseConv(nn.Conv2d):
     """1x1 Conv2d computed as a batched matmul over the flattened positions.
 
@@ -53,14 +61,14 @@ class MaxMeanPool(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         w = torch.sigmoid(self.p)
-        return w * x.amax(dim=-1) + (1 - w) * x.mean(dim=-1)
+        return w * max_last(x) + (1 - w) * x.mean(dim=-1)
 
 
 class MaxPool(nn.Module):
     """Max over the last dim: the aggregation without `--gem`."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return x.amax(dim=-1)
+        return max_last(x)
 
 
 class SqueezeExcite(nn.Module):
@@ -127,6 +135,6 @@ class SetAbstraction(nn.Module):
             if self.use_xyz:
                 offsets = group_points(xyz_t, idx) - centres_t.unsqueeze(-1)
                 grouped = torch.cat([offsets, grouped], dim=1)
-            branch = mlp(grouped).amax(dim=-1)
+            branch = max_last(mlp(grouped))
             out = branch if out is None else out + branch
         return centres_t.transpose(1, 2), out, centre_idx

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ognet.errors import ConfigError
-from ognet.model.blocks import MaxMeanPool, MaxPool, PointwiseConv, SetAbstraction, edge_features
+from ognet.model.blocks import MaxMeanPool, MaxPool, PointwiseConv, SetAbstraction, edge_features, max_last
 from ognet.model.ops import gather_points, point_ops
 
 
@@ -202,7 +202,7 @@ class OGNet(nn.Module):
             if c.id_skip == 2:
                 a = torch.sigmoid(self.p_w[i])
                 h = a * h_in + (1 - a) * h
-        pooled = torch.cat([h.amax(dim=2), h.mean(dim=2)], dim=1)
+        pooled = torch.cat([max_last(h), h.mean(dim=2)], dim=1)
         feature = self.bn_embs[0](self.embs[0](pooled))
         circle_feature = self.dropout(feature)
         return ModelOutput(self.proj_output(circle_feature), feature, circle_feature)
