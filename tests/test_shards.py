@@ -90,22 +90,23 @@ def test_plain_webdataset_reads_the_shards(tiny_root, tiny_shards):
             assert sample["json"] == {k: w[k] for k in ("index", "pid", "camid", "label", "path")}
 
 
-def test_tar_lists_and_extracts_the_shards(tiny_root, tiny_shards, tmp_path):
+@pytest.mark.parametrize("split", TINY_SPLITS)
+def test_tar_lists_and_extracts_the_shards(tiny_root, tiny_shards, tmp_path, split):
     tar = shutil.which("tar")
     if tar is None:
         pytest.skip("no tar program on this machine")
-    folder = tiny_shards / "train_all"
-    want = source_samples(tiny_root, "train_all")
+    want = source_samples(tiny_root, split)
     names = []
-    for path in shard_paths(folder):
+    for path in shard_paths(tiny_shards / split):
         names += subprocess.run([tar, "-tf", str(path)], check=True, capture_output=True, text=True).stdout.split()
         subprocess.run([tar, "-xf", str(path), "-C", str(tmp_path)], check=True)
     assert names == [f"{i:08d}.{field}" for i in range(len(want)) for field in ("xyz.npy", "rgb.npy", "json")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
     for w in want:
         key = tmp_path / f"{w['index']:08d}"
         np.testing.assert_array_equal(np.load(f"{key}.xyz.npy", allow_pickle=False), w["xyz"])
         np.testing.assert_array_equal(np.load(f"{key}.rgb.npy", allow_pickle=False), w["rgb"])
-        assert json.loads(Path(f"{key}.json").read_text())["path"] == w["path"]
+        assert json.loads(Path(f"{key}.json").read_text()) == {k: w[k] for k in ("index", "pid", "camid", "label", "path")}
 
 
 @pytest.mark.parametrize("split", TINY_SPLITS)
