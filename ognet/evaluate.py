@@ -48,10 +48,16 @@ def extract_features(model: nn.Module, reader: ShardReader, config: Config, info
     features, order = [], []
     for xyz, rgb, index in tqdm(loader, desc=desc, disable=not info.is_main, unit="batch", leave=False):
         xyz, rgb = xyz.to(info.device), rgb.to(info.device)
+        # A short batch (the end of a slice) is padded to the full size with copies of its last
+        # cloud: BLAS picks its kernels by batch size, so a sample's feature would otherwise differ
+        # in the last bits between world sizes. Every forward has the same shape on any rank.
+        n, pad = len(xyz), config.eval.batch_size - len(xyz)
+        if pad:
+            xyz, rgb = (torch.cat([t, t[-1:].expand(pad, *t.shape[1:])]) for t in (xyz, rgb))
         views = [xyz * s for s in config.eval.scales]
         if config.eval.flip:
             views += [v * torch.tensor([-1.0, 1.0, 1.0], device=info.device) for v in views]
-        f = sum(model(v, rgb).feature.float() for v in views)
+        f = sum(model(v, rgb).feature.float() for v in views)[:n]
         features.append(f / (f.norm(dim=1, keepdim=True) + 1e-6))
         order.append(index.to(info.device))
     local = torch.cat(features) if features else torch.zeros(0, model.config.embedding_dim, device=info.device)
@@ -72,7 +78,11 @@ def evaluate_model(model: nn.Module, config: Config, info: dist.DistInfo, monito
     qi, gi = query.index, gallery.index
 
     mine = rank_slice(len(qi), info)
-    part = rank_queries(qf[mine], qi.pids[mine], qi.camids[mine], gf, gi.pids, gi.camids, ap=config.eval.ap)
+    if len(mine):
+        part = rank_queries(qf[mine], qi.pids[mine], qi.camids[mine], gf, gi.pids, gi.camids, ap=config.eval.ap)
+    else:  # more ranks than queries: nothing to rank here (rank_queries refuses an empty set), still gather
+        part = PerQueryResult(torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64),
+                              torch.zeros(0, dtype=torch.long))
     merged = PerQueryResult(*(dist.all_gather_uneven(t.to(info.device)).cpu() for t in (part.ap, part.inp, part.first_good)))
     metrics = reduce_results([merged])
     model.train(was_training)
