@@ -49,8 +49,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except FileNotFoundError:
         raise CheckpointError(f"{path}: checkpoint does not exist") from None
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused: the checkpoint holds objects that are not plain tensors or "
-                              f"values (weights_only load failed: {str(e).splitlines()[0]})") from e
+        if "unsupported global" not in str(e).lower():  # garbage bytes rather than a forbidden object
+            raise CheckpointError(f"{path}: unreadable or corrupt checkpoint ({str(e).splitlines()[0]})") from e
+        raise CheckpointError(f"{path}: refused: the checkpoint holds objects other than tensors and plain "
+                              f"values, which could run code when loaded; it is not loaded") from e
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({e})") from e
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
