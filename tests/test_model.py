@@ -200,6 +200,10 @@ def test_unknown_override_and_variant_are_named():
         build_model("ognet-huge", 10)
     with pytest.raises(ConfigError, match="norm"):
         build_model("ognet", 10, norm="ln")
+    with pytest.raises(ConfigError, match="k='9': expected int"):
+        build_model("ognet", 10, k="9")
+    with pytest.raises(ConfigError, match="fewer than k=20"):
+        build_model("ognet", 10, init_points=100)
 
 
 def test_overrides_change_the_model():
@@ -210,6 +214,10 @@ def test_overrides_change_the_model():
     model.eval()
     with torch.no_grad():
         assert model(*cloud(2, 900)).logits.shape == (2, 10)
+    plain = build_model("ognet-small", 10, use_xyz=False, use_se=False, dropout=0.5, embedding_dim=256, init_points=160)
+    assert plain.sa[0].mlps[0][0].in_channels == 48 and not any("se_" in k for k in plain.state_dict())
+    with torch.no_grad():
+        assert plain.eval()(*cloud(2, 320)).feature.shape == (2, 256)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,6 +273,9 @@ def test_import_original_command(tmp_path):
     with pytest.raises(OgnetError, match="matches no OG-Net variant"):
         import_original(str(tmp_path / "model_last.pth"), str(tmp_path / "x.pt"), variant="ognet")
     assert not (tmp_path / "x.pt").exists()
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    assert main([str(tmp_path / "junk.pth"), str(tmp_path / "y.pt")]) == 1
+    assert not (tmp_path / "y.pt").exists()
 
 
 # ---------------------------------------------------------------------------------------------

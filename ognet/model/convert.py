@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import pickle
+import sys
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -110,7 +112,10 @@ def import_original(
     source: str, destination: str, variant: str | None = None, overrides: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """Convert an original `.pth` into our checkpoint format; returns the model_config written."""
-    state_dict = torch.load(source, map_location="cpu", weights_only=True)
+    try:
+        state_dict = torch.load(source, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as err:
+        raise OgnetError(f"{source}: not readable as a weights-only torch checkpoint: {err}") from err
     if not isinstance(state_dict, Mapping):
         raise OgnetError(f"{source}: expected a state_dict (a mapping), got {type(state_dict).__name__}")
     variant, num_classes, options = infer_model_config(state_dict, variant, overrides)
@@ -157,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = import_original(args.source, args.destination, args.variant, dict(args.overrides))
     except (OgnetError, OSError) as err:
-        parser.exit(1, f"ognet-import-original: error: {err}\n")
+        print(f"ognet-import-original: error: {err}", file=sys.stderr)
+        return 1
     print(f"wrote {args.destination}: {config}")
     return 0

@@ -58,6 +58,16 @@ class OGNetConfig:
         def bad(key: str, why: str) -> ConfigError:
             return ConfigError(f"model option {key}={getattr(self, key)!r}: {why}")
 
+        for field in dataclasses.fields(self):
+            value, expected = getattr(self, field.name), type(field.default)
+            if field.name == "num_classes" or expected is int:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif expected is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, expected)
+            if not ok:
+                raise bad(field.name, f"expected {'int' if field.name == 'num_classes' else expected.__name__}")
         if self.num_classes < 1:
             raise bad("num_classes", "must be >= 1")
         if not self.feature_dims or any(d < 2 or d % 2 for d in self.feature_dims):
@@ -78,6 +88,7 @@ class OGNetConfig:
             for i in range(1, len(dims)):
                 if dims[i] < dims[i - 1]:
                     raise bad("feature_dims", f"id_skip=2 needs non-decreasing widths, layer {i}")
+        self.sa_points()  # raises if too few points are left for k neighbours
 
     def sa_points(self) -> list[int | None]:
         """Per layer: the number of centres its set abstraction keeps, or None (no downsampling).
@@ -90,8 +101,6 @@ class OGNetConfig:
         for prev, dim in zip(self.feature_dims, self.feature_dims[1:]):
             if dim > prev:
                 npoint //= self.stride
-                if npoint < 1:
-                    raise ConfigError(f"model options init_points/stride leave no centres at {dim}")
                 points.append(npoint)
             else:
                 points.append(None)

@@ -46,8 +46,8 @@ def _row_chunks(batch: int, rows: int, cols: int, max_elements: int | None, devi
 def knn(x: Tensor, k: int, max_elements: int | None = None) -> Tensor:
     """Indices (B, N, k) of the k nearest points of every point of x (B, C, N), itself included.
 
-    Score = -|a|^2 + 2 a.b - |b|^2 from one matrix product, as the original `knn`; topk(largest,
-    sorted), so the point itself (score 0) normally comes first. Rows are processed in chunks so
+    Ranks by score = -|a|^2 + 2 a.b - |b|^2 from one matrix product, as the original `knn`, with
+    topk(largest, sorted), so the point itself (score 0) normally comes first. Rows are processed in chunks so
     that at most `max_elements` scores (default: per device, see above) exist at once.
     """
     with torch.autocast(x.device.type, enabled=False):
@@ -56,12 +56,11 @@ def knn(x: Tensor, k: int, max_elements: int | None = None) -> Tensor:
         if k > n:
             raise ValueError(f"knn: k={k} neighbours requested but the cloud has only {n} points")
         points = x.transpose(1, 2)  # (B, N, C)
-        sq = x.square().sum(1)  # (B, N)
-        neg_sq_cols = -sq.unsqueeze(1)  # (B, 1, N)
+        neg_sq = -x.square().sum(1).unsqueeze(1)  # (B, 1, N)
         parts = []
         for rows in _row_chunks(batch, n, n, max_elements, x.device):
-            score = torch.baddbmm(neg_sq_cols, points[:, rows], x, alpha=2.0)
-            score -= sq[:, rows].unsqueeze(2)
+            # -|a|^2 is the same for a whole row and cannot change its ranking: leave it out.
+            score = torch.baddbmm(neg_sq, points[:, rows], x, alpha=2.0)
             parts.append(score.topk(k, dim=-1).indices)
         return torch.cat(parts, dim=1)
 
