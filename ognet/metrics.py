@@ -23,8 +23,10 @@ that share the query's pid are needed, so each chunk of queries is histogrammed 
 sorted (see `_ranks_in_rows`); the result is the same as a full stable sort.
 
 Distribution. `rank_queries` gives per-query results for any slice of the queries; each value
-depends only on its own query, so slices computed on different ranks and concatenated in query
-order are bit-identical to one call, and `reduce_results` sums them exactly (`math.fsum`).
+depends only on its own query's scores, which do not depend on the slicing (see `_MIN_ROWS`), so
+slices ranked on different ranks and concatenated in query order are bit-identical to one call
+(tested on CPU; another BLAS could round a product differently by its shape), and
+`reduce_results` sums them exactly (`math.fsum`).
 """
 
 from __future__ import annotations
@@ -41,14 +43,19 @@ from ognet.errors import ConfigError, DataError
 AP_MODES = ("trapezoid", "noninterp")
 DEFAULT_MAX_BYTES = 1 << 30
 # Working set per (query, gallery item) of a chunk: the score and its scaled copy (2 x itemsize),
-# the int32 bin (4), the bool same-pid and candidate masks (2), the per-row histogram and its
-# cumulative sum (16 bytes per bin, at most 2 per item).
+# the int32 bin (4), the bool candidate mask (1), the per-row histogram (8 bytes per bin, at most
+# 2 per item) and slack (1).
 _BYTES_PER_ENTRY_EXTRA = 8
-# Histogram bins per query row: at most one per 8 gallery items, at most 4096 (~20 items per bin
-# at MSMT size); more bins make the histogram slower, fewer make more candidates to sort.
-_ITEMS_PER_BIN = 8
-_MAX_BINS = 4096
+# Histogram bins per query row: one per 4 gallery items, at most 16384 (5 items per bin at MSMT
+# size). Fewer bins leave more candidates to sort, more make the histogram slower (measured).
+_ITEMS_PER_BIN = 4
+_MAX_BINS = 16384
 _MAX_CHUNK = 2**31 // _MAX_BINS  # bins of a chunk are numbered in int32
+# The CPU BLAS (MKL) multiplies fewer than about 12 query rows with other kernels, whose scores
+# differ in the last bit; near-equal scores could then rank differently depending on how the
+# queries were sliced. Chunks are padded to at least this many rows (measured: with 12 rows or
+# more, every row offset and thread count gives bit-identical scores).
+_MIN_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -115,9 +122,13 @@ def rank_queries(
 ) -> PerQueryResult:
     """Per-query AP, INP and first good rank of these queries against the whole gallery.
 
-    Queries are processed `chunk_size` at a time; by default the chunk is the largest whose
-    working set, chunk x G x (2 x itemsize + 8) bytes (16 for float32 features), fits in
-    `max_bytes`. Features are used in their own precision (at least float32) on their device.
+    Features are used in their own precision (at least float32) on the query features' device;
+    results come back on the CPU. Queries are ranked `chunk_size` at a time (at least 16 rows are
+    multiplied, see `_MIN_ROWS`); by default the chunk is the largest whose working set,
+    chunk x G x (2 x itemsize + 8) bytes (16 for float32), fits in `max_bytes`. On top of that
+    come the features (and a copy of the gallery without its pid -1 items) and, only where many
+    scores in a row are exactly equal (e.g. a collapsed model), up to ~100 bytes per such entry
+    for the sort in `_ranks_in_rows`.
     """
     if ap not in AP_MODES:
         raise ConfigError(f"ap must be one of {AP_MODES}, got {ap!r}")
@@ -140,7 +151,7 @@ def rank_queries(
     elif chunk_size < 1:
         raise ConfigError(f"chunk_size must be at least 1, got {chunk_size}")
     chunk_size = min(chunk_size, len(qp), _MAX_CHUNK)
-    buffers = _Buffers(chunk_size, len(gallery.pids), dtype, device)
+    buffers = _Buffers(max(chunk_size, _MIN_ROWS), len(gallery.pids), dtype, device)
     parts = []
     for start in range(0, len(qp), chunk_size):
         chunk = slice(start, start + chunk_size)
@@ -156,10 +167,10 @@ def reduce_results(results: Sequence[PerQueryResult], *, max_rank: int = 50) -> 
     """
     if max_rank < 1:
         raise ConfigError(f"max_rank must be at least 1, got {max_rank}")
-    merged = PerQueryResult.cat(results)
-    num_queries = len(merged)
+    num_queries = sum(len(r) for r in results)
     if num_queries == 0:
         raise DataError("no query results to reduce")
+    merged = PerQueryResult.cat(results)
     hits = merged.first_good[merged.valid]
     cmc = [float(c) / num_queries for c in _hit_counts(hits, max(max_rank, 10)).tolist()]
     return {
@@ -189,7 +200,8 @@ def _hit_counts(first_good: torch.Tensor, length: int) -> torch.Tensor:
 def _check_set(
     name: str, features: Any, pids: Any, camids: Any
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    features, pids, camids = (_as_tensor(x) for x in (features, pids, camids))
+    features = _as_tensor(features, f"{name} features")
+    pids, camids = _as_tensor(pids, f"{name} pids"), _as_tensor(camids, f"{name} camids")
     if features.ndim != 2:
         raise DataError(f"{name} features must be 2-D (items, dim), got shape {tuple(features.shape)}")
     if features.numel() == 0:
@@ -205,16 +217,21 @@ def _check_set(
         if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
             raise DataError(f"{name} {label} must be integers, got {values.dtype}")
     # amin/amax propagate NaN and inf, and are cheaper than isfinite on a large gallery.
-    if features.is_floating_point() and not math.isfinite(float(features.amax() - features.amin())):
+    if features.is_floating_point() and not all(
+        math.isfinite(float(x)) for x in (features.amin(), features.amax())
+    ):
         row = int((~torch.isfinite(features).all(dim=1)).nonzero()[0])
         raise DataError(f"{name} features contain NaN or inf (first at row {row})")
     return features, pids.long(), camids.long()
 
 
-def _as_tensor(values: Any) -> torch.Tensor:
+def _as_tensor(values: Any, what: str) -> torch.Tensor:
     if isinstance(values, torch.Tensor):
         return values
-    return torch.as_tensor(np.asarray(values))
+    try:
+        return torch.as_tensor(np.ascontiguousarray(values))
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise DataError(f"{what} are not an array of numbers: {error}") from None
 
 
 def _check_no_overflow(qf: torch.Tensor, gf: torch.Tensor) -> None:
@@ -280,8 +297,12 @@ def _rank_chunk(
     rows, cols = gallery.same_pid(qp)
     ranks = rows
     if len(rows):
-        scores, scaled, bins = buffers.take(len(qp))
+        padded = max(len(qf), _MIN_ROWS)
+        scores, scaled, bins = buffers.take(padded)
+        if padded > len(qf):
+            qf = torch.cat([qf, qf.new_zeros(padded - len(qf), qf.shape[1])])
         torch.mm(qf, gallery.features.T, out=scores)
+        scores, scaled, bins = (t[: len(qp)] for t in (scores, scaled, bins))
         ranks = _ranks_in_rows(scores, rows * scores.shape[1] + cols, scaled, bins)
     junk = qc[rows] == gallery.camids[cols]
     return _per_query(len(qp), len(gallery.pids), rows.cpu(), ranks.cpu(), junk.cpu(), ap_mode)
@@ -311,7 +332,7 @@ def _ranks_in_rows(
     bins += torch.arange(num_rows, device=bins.device, dtype=bins.dtype)[:, None] * num_bins
     bins, scores = bins.view(-1), scores.view(-1)
     hist = torch.bincount(bins, minlength=num_rows * num_bins).view(num_rows, num_bins)
-    above = (width - hist.cumsum(dim=1)).view(-1)  # entries in strictly higher bins of the row
+    above = hist.cumsum_(dim=1).neg_().add_(width).view(-1)  # entries in higher bins of the row
 
     wanted = torch.zeros(num_rows * num_bins, dtype=torch.bool, device=scores.device)
     wanted[bins[entries].long()] = True
@@ -369,8 +390,8 @@ def _per_query(
     else:
         terms = precision
     # Sum each query's terms in rank order (a sequential scan), independently of other queries.
-    padded = torch.zeros(num_queries, max(1, int(ngood.max())), dtype=torch.float64)
-    padded[rows, k - 1] = terms
-    sums = padded.cumsum(dim=1).gather(1, (ngood - 1).clamp(min=0)[:, None]).squeeze(1)
+    by_query = torch.zeros(num_queries, max(1, int(ngood.max())), dtype=torch.float64)
+    by_query[rows, k - 1] = terms
+    sums = by_query.cumsum(dim=1).gather(1, (ngood - 1).clamp(min=0)[:, None]).squeeze(1)
     ap = sums if ap_mode == "trapezoid" else sums / ngood.clamp(min=1)
     return PerQueryResult(ap=ap, inp=inp, first_good=first_good)

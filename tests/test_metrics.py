@@ -23,7 +23,7 @@ from ognet.metrics import (
 @pytest.fixture(autouse=True)
 def one_thread():
     """These tensors are tiny: intra-op thread hand-offs cost more than the work (seconds on a
-    busy machine). Results do not depend on the thread count (see test_thread_count)."""
+    busy machine). Results do not depend on the thread count (tested below)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -210,12 +210,24 @@ def test_slices_reduce_like_one_call():
         assert reduce_results(parts) == expected
 
 
-def test_thread_count():
-    inputs = random_set(np.random.default_rng(8), 20, 3000, 8, 50, 4)
-    one = rank_queries(*inputs)
+def test_float32_results_do_not_depend_on_slicing_or_threads():
+    # Unit features at a realistic size: many same-pid items and scores a few ulps apart, where
+    # products of a few query rows (rounded differently by MKL) changed 3 of 40 APs before chunks
+    # were padded to _MIN_ROWS.
+    g = torch.Generator().manual_seed(0)
+    qf = torch.nn.functional.normalize(torch.randn(40, 512, generator=g), dim=1)
+    gf = torch.nn.functional.normalize(torch.randn(20000, 512, generator=g), dim=1)
+    qp, qc = torch.randint(0, 10, (40,), generator=g), torch.randint(0, 6, (40,), generator=g)
+    gp, gc = torch.randint(0, 10, (20000,), generator=g), torch.randint(0, 6, (20000,), generator=g)
+    whole = rank_queries(qf, qp, qc, gf, gp, gc)
+    for bounds, chunk_size in (([0, 1, 3, 40], None), ([0, 7, 40], 5), ([0, 40], 1)):
+        parts = PerQueryResult.cat([
+            rank_queries(qf[a:b], qp[a:b], qc[a:b], gf, gp, gc, chunk_size=chunk_size)
+            for a, b in zip(bounds, bounds[1:])
+        ])
+        assert torch.equal(parts.ap, whole.ap) and torch.equal(parts.first_good, whole.first_good)
     torch.set_num_threads(2)
-    two = rank_queries(*inputs)
-    assert torch.equal(one.ap, two.ap) and torch.equal(one.first_good, two.first_good)
+    assert torch.equal(rank_queries(qf, qp, qc, gf, gp, gc, chunk_size=7).ap, whole.ap)
 
 
 def test_cmc_length_and_short_gallery():
@@ -299,8 +311,10 @@ def test_bad_options_are_config_errors(options, message):
 
 
 def test_reduce_needs_results():
-    with pytest.raises(DataError, match="no query results"):
-        reduce_results([PerQueryResult(torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.long))])
+    empty = PerQueryResult(torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.long))
+    for results in ([], [empty]):
+        with pytest.raises(DataError, match="no query results"):
+            reduce_results(results)
 
 
 def test_chunk_size_follows_the_memory_budget(monkeypatch):
@@ -315,3 +329,16 @@ def test_chunk_size_follows_the_memory_budget(monkeypatch):
     seen.clear()
     rank_queries(qf, ql, qc, gf, gl, gc, max_bytes=budget)  # float64: 2 x 8 + 8 bytes per entry
     assert seen == [2] * 5
+
+
+def test_input_types():
+    with pytest.raises(DataError, match="query pids are not an array of numbers"):
+        evaluate_ranking(**{**valid_inputs(), "query_pids": ["a", "b", "c", "d"]})
+    expected = evaluate_ranking(**valid_inputs())
+    inputs = valid_inputs()
+    for features in (inputs["gallery_features"][::-1][::-1], torch.from_numpy(inputs["gallery_features"])):
+        assert evaluate_ranking(**{**inputs, "gallery_features": features}) == expected
+    # Integer and float16 features (whose range difference overflows float16) are ranked in float32.
+    large = {**inputs, "query_features": np.array([[6e4], [-6e4], [1], [1]], dtype=np.float16),
+             "gallery_features": (inputs["gallery_features"] * 10).astype(np.int64) - 4}
+    assert evaluate_ranking(**large)["num_queries"] == 4
