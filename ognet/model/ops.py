@@ -19,7 +19,8 @@ from torch import Tensor
 
 # kNN and ball query work on blocks of B x rows x N scores/distances of at most this many elements
 # instead of B x N x N, so memory stays bounded for any N. On CPU, blocks that fit in cache (4 MiB
-# of float32) made both ops about 1.5-2x faster than whole matrices (B=8, N=4096, one thread); on
+# of float32) made both ops about 1.5-3x faster than whole matrices (B=8, N=4096, 1 and 2 threads;
+# on cores shared with other busy processes the many small parallel ops lose instead). On
 # accelerators a block only has to fit in memory (1 GiB), and fewer blocks mean fewer launches.
 CPU_BLOCK_ELEMENTS = 2**20
 DEVICE_BLOCK_ELEMENTS = 2**28
@@ -47,8 +48,8 @@ def knn(x: Tensor, k: int, max_elements: int | None = None) -> Tensor:
     """Indices (B, N, k) of the k nearest points of every point of x (B, C, N), itself included.
 
     Ranks by score = -|a|^2 + 2 a.b - |b|^2 from one matrix product, as the original `knn`, with
-    topk(largest, sorted), so the point itself (score 0) normally comes first. Rows are processed in chunks so
-    that at most `max_elements` scores (default: per device, see above) exist at once.
+    topk(largest, sorted), so the point itself (score 0) normally comes first. Rows are processed
+    in chunks so that at most `max_elements` scores (default: per device, above) exist at once.
     """
     with torch.autocast(x.device.type, enabled=False):
         x = x.detach().to(_index_dtype(x))
