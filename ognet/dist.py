@@ -136,6 +136,13 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Make every rank's buffers (BatchNorm statistics) equal to rank `src`'s."""
+    if _active():
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=src)
+
+
 def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
     """Element-wise maximum over ranks (a new tensor): flags that any rank raised."""
     x = x.detach().clone()

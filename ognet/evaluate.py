@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
@@ -101,7 +102,11 @@ def evaluate_model(model: nn.Module, config: Config, info: dist.DistInfo, monito
             np.save(out / f"features-{tag}-query.npy", qf.cpu().numpy())
             np.save(out / f"features-{tag}-gallery.npy", gf.cpu().numpy())
         for q in range(min(config.eval.rank_list_queries, len(qi))):
-            monitor.image(f"{tag}/rank_list_{q}", rank_list_picture(q, qf, gf, query, gallery), step)
+            picture = rank_list_picture(q, qf, gf, query, gallery)
+            monitor.image(f"{tag}/rank_list_{q}", picture, step)
+            Image.fromarray(picture).save(out / f"rank-list-{tag}-{q}.png")
+        if config.eval.rank_list_queries:
+            monitor.log(f"rank lists (query, then its top 10; green = same identity): {out}/rank-list-{tag}-*.png")
         monitor.flush()
     return metrics
 

@@ -336,6 +336,15 @@ def _train(config: Config, info: dist.DistInfo, run_dir: Path, ckpt_dir: Path, m
             waited += time.time() - last
             if progress.step >= steps_per_epoch:
                 break
+            # Agreed on before the forward, which changes BatchNorm's running statistics: a checkpoint
+            # written after it would not replay this step exactly.
+            if dist.all_reduce_max(torch.tensor([float(flag.raised)], device=info.device)).item():
+                # Events on disk before the checkpoint's barrier: once any rank has exited, the launcher
+                # may kill the others (srun --kill-on-bad-exit), and the writer flushes only every 2 min.
+                monitor.flush()
+                checkpoint()
+                monitor.log(f"preemption signal: checkpoint written at global step {progress.global_step}; exiting")
+                raise Preempted(str(latest_checkpoint(ckpt_dir)))
             lr = learning_rate(config, epoch, progress.step, steps_per_epoch)
             engine.set_lr(lr)
             torch.manual_seed(step_seed(t.seed, epoch, progress.step, info.rank))
@@ -345,12 +354,7 @@ def _train(config: Config, info: dist.DistInfo, run_dir: Path, ckpt_dir: Path, m
             feature = out.circle_feature if config.loss.feature == "dropout" else out.feature
             terms = loss_fn(out.logits.float(), labels, feature.float())
             factor = warmup.factor(progress.global_step, epoch)
-            flags = torch.tensor([float(not torch.isfinite(terms.loss)), float(flag.raised)], device=info.device)
-            nonfinite, preempted = dist.all_reduce_max(flags).tolist()
-            if preempted:
-                checkpoint()
-                monitor.log(f"preemption signal: checkpoint written at global step {progress.global_step}; exiting")
-                raise Preempted(str(latest_checkpoint(ckpt_dir)))
+            nonfinite = dist.all_reduce_max(torch.tensor([float(not torch.isfinite(terms.loss))], device=info.device)).item()
             if not nonfinite:
                 norm = engine.backward_and_step(terms.loss * factor)
             elif t.nonfinite == "skip":
@@ -407,6 +411,9 @@ def _train(config: Config, info: dist.DistInfo, run_dir: Path, ckpt_dir: Path, m
 
 
 def _evaluate(model: nn.Module, config: Config, info: dist.DistInfo, monitor: Monitor, step: int, tag: str = "eval") -> dict:
+    """Evaluate with rank 0's BatchNorm statistics on every rank: DDP broadcasts them only at the
+    next forward, so after a step each rank still holds the ones its own batch moved."""
+    dist.broadcast_buffers(model)
     from ognet.evaluate import evaluate_model
 
     return evaluate_model(model, config, info, monitor, step, tag=tag)

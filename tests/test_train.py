@@ -104,6 +104,14 @@ def test_two_rank_ddp_run_learns_and_is_reproducible(tiny_shards, tmp_path):
         assert "on 2 x cpu (ddp, fp32)" in proc.stdout
         runs.append(run_dir)
     assert_loss_falls(runs[0])
+    # The evaluation inside the 2-rank run used rank 0's BN statistics on both ranks: evaluating the
+    # saved weights in a plain process gives the same numbers.
+    evaluate = [sys.executable, str(REPO / "launch" / "evaluate.py"), "--checkpoint", str(runs[0] / "model_last.pt"),
+                *train_args(tiny_shards, runs[0] / "eval")]
+    run(evaluate, timeout=300)
+    after = json.loads((runs[0] / "eval" / "metrics-eval.json").read_text())
+    during = json.loads((runs[0] / "metrics-eval.json").read_text())
+    assert {k: v for k, v in after.items() if k != "step"} == {k: v for k, v in during.items() if k != "step"}
     # The same stream again: the state after epoch 0 is bit-identical (epochs only set the cosine's length,
     # and epoch 0 runs at the full learning rate in both).
     assert_same_weights(runs[0] / "checkpoints" / "step-00000006.pt", runs[1] / "checkpoints" / "step-00000006.pt")
