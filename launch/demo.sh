@@ -23,6 +23,8 @@ echo "== 4/4 evaluate $RUN/model_last.pt on $NPROC processes"
 "$BIN/torchrun" --standalone --nproc_per_node="$NPROC" launch/evaluate.py --config configs/demo.yaml \
   --checkpoint "$RUN/model_last.pt" data.root="$DATA/shards" run_dir="$RUN/eval" eval.save_features=true
 
+echo
+grep -h "Rank@1" "$RUN/eval/result.txt"
 cat <<DONE
 
 Demo finished.
@@ -32,5 +34,6 @@ Demo finished.
   checkpoints (resume: run again)       $RUN/checkpoints/   final weights: $RUN/model_last.pt
   metrics                               $RUN/metrics-eval.json  $RUN/eval/metrics-eval.json  $RUN/result.txt
   features                              $RUN/eval/features-eval-{query,gallery}.npy
+  rank lists (query + top 10)           $RUN/eval/rank-list-eval-*.png
   TensorBoard                           $BIN/tensorboard --logdir $RUN --host 127.0.0.1
 DONE
