@@ -24,7 +24,7 @@ from tqdm import tqdm
 from ognet import dist
 from ognet.checkpoint import load_checkpoint, load_model_state
 from ognet.config import Config
-from ognet.data.dataset import EvalSet
+from ognet.data.dataset import EvalSet, ignore_preemption_signal
 from ognet.data.shards import ShardReader, join_location
 from ognet.data.transforms import TransformConfig
 from ognet.io import atomic_write
@@ -44,7 +44,8 @@ def extract_features(model: nn.Module, reader: ShardReader, config: Config, info
     transforms = TransformConfig(slim=config.data.slim)
     indices = rank_slice(len(reader), info)
     loader = DataLoader(Subset(EvalSet(reader, transforms), indices.tolist()), batch_size=config.eval.batch_size,
-                        num_workers=config.data.num_workers, pin_memory=info.device.type == "cuda")
+                        num_workers=config.data.num_workers, pin_memory=info.device.type == "cuda",
+                        worker_init_fn=ignore_preemption_signal)
     model.eval()
     features, order = [], []
     for xyz, rgb, index in tqdm(loader, desc=desc, disable=not info.is_main, unit="batch", leave=False):

@@ -9,6 +9,7 @@ on any number of workers and ranks.
 
 from __future__ import annotations
 
+import signal
 from typing import Iterator
 
 import numpy as np
@@ -67,7 +68,15 @@ class SamplerBatches(Sampler[list[tuple[int, int, int]]]):
             yield [(self.epoch, base + j, int(i)) for j, i in enumerate(s.local_batch(self.epoch, step))]
 
 
+def ignore_preemption_signal(worker_id: int) -> None:
+    """DataLoader workers ignore SIGUSR1: SLURM delivers it to every process of the job step and
+    only the training process acts on it (under `fork` they inherit its handler anyway; under
+    `spawn`/`forkserver` the default action would kill them)."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def train_loader(dataset: TrainSet, sampler: StratifiedSampler, epoch: int, start_step: int = 0,
                  num_workers: int = 2, pin_memory: bool = False) -> DataLoader:
     return DataLoader(dataset, batch_sampler=SamplerBatches(sampler, epoch, start_step), num_workers=num_workers,
-                      pin_memory=pin_memory, persistent_workers=False, prefetch_factor=4 if num_workers else None)
+                      pin_memory=pin_memory, persistent_workers=False, prefetch_factor=4 if num_workers else None,
+                      worker_init_fn=ignore_preemption_signal)
