@@ -100,8 +100,7 @@ def evaluate_model(model: nn.Module, config: Config, info: dist.DistInfo, monito
         monitor.scalars({f"{tag}/rank1": metrics["rank1"], f"{tag}/rank5": metrics["rank5"],
                          f"{tag}/rank10": metrics["rank10"], f"{tag}/mAP": metrics["mAP"], f"{tag}/mINP": metrics["mINP"]}, step)
         if config.eval.save_features:
-            np.save(out / f"features-{tag}-query.npy", qf.cpu().numpy())
-            np.save(out / f"features-{tag}-gallery.npy", gf.cpu().numpy())
+            save_features(out, tag, qf.cpu().numpy(), gf.cpu().numpy(), qi, gi, monitor)
         for q in range(min(config.eval.rank_list_queries, len(qi))):
             picture = rank_list_picture(q, qf, gf, query, gallery)
             monitor.image(f"{tag}/rank_list_{q}", picture, step)
@@ -110,6 +109,21 @@ def evaluate_model(model: nn.Module, config: Config, info: dist.DistInfo, monito
             monitor.log(f"rank lists (query, then its top 10; green = same identity): {out}/rank-list-{tag}-*.png")
         monitor.flush()
     return metrics
+
+
+def save_features(out: Path, tag: str, qf: np.ndarray, gf: np.ndarray, qi, gi, monitor: Monitor) -> None:
+    """Features as .npy, and as the original's `pytorch_result.mat` (keys of its evaluate_gpu.py)
+    when scipy is installed."""
+    np.save(out / f"features-{tag}-query.npy", qf)
+    np.save(out / f"features-{tag}-gallery.npy", gf)
+    try:
+        import scipy.io
+    except ImportError:
+        monitor.log("scipy is not installed: pytorch_result.mat not written (pip install scipy)")
+        return
+    scipy.io.savemat(out / f"pytorch_result-{tag}.mat", {
+        "query_f": qf, "query_label": qi.pids, "query_cam": qi.camids,
+        "gallery_f": gf, "gallery_label": gi.pids, "gallery_cam": gi.camids})
 
 
 def rank_list_picture(q: int, qf: torch.Tensor, gf: torch.Tensor, query: ShardReader, gallery: ShardReader, top: int = 10) -> np.ndarray:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
 from ognet import dist
 from ognet.checkpoint import latest_checkpoint, load_checkpoint, load_model_state, prune_checkpoints, save_checkpoint
@@ -332,7 +333,9 @@ def _train(config: Config, info: dist.DistInfo, run_dir: Path, ckpt_dir: Path, m
         engine.model.train()
         tic = last = time.time()
         seen, waited, norm = 0, 0.0, float("nan")
-        for xyz, rgb, labels in loader:
+        bar = tqdm(loader, desc=f"epoch {epoch}", total=steps_per_epoch - progress.step, unit="step", leave=False,
+                   disable=not info.is_main)
+        for xyz, rgb, labels in bar:
             waited += time.time() - last
             if progress.step >= steps_per_epoch:
                 break

@@ -159,6 +159,13 @@ def test_plain_two_and_three_ranks_give_identical_features_and_metrics(evaluated
     assert len(np.unique(qf.round(4), axis=0)) == NUM_QUERY  # no collapsed features
     metrics = metrics_json(plain_dir)
     assert metrics["num_queries"] == NUM_QUERY and 0 < metrics["mAP"] < 1
+    # The same features under the original's pytorch_result.mat keys (for its evaluate_gpu.py).
+    import scipy.io
+
+    mat = scipy.io.loadmat(plain_dir / "pytorch_result-eval.mat")
+    assert np.array_equal(mat["query_f"], qf) and np.array_equal(mat["gallery_f"], gf)
+    assert mat["query_label"].size == NUM_QUERY and mat["gallery_cam"].size == NUM_GALLERY
+    assert {-1, 0} <= set(mat["gallery_label"].ravel().tolist())  # junk and distractors keep their labels
 
     for nproc in (2, 3):
         run_dir, proc = evaluated(nproc)
