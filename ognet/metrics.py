@@ -43,14 +43,13 @@ from ognet.errors import ConfigError, DataError
 AP_MODES = ("trapezoid", "noninterp")
 DEFAULT_MAX_BYTES = 1 << 30
 # Working set per (query, gallery item) of a chunk: the score and its scaled copy (2 x itemsize),
-# the int32 bin (4), the bool candidate mask (1), the per-row histogram (8 bytes per bin, at most
-# 2 per item) and slack (1).
-_BYTES_PER_ENTRY_EXTRA = 8
+# the int64 bin (8), the bool candidate mask (1), the per-row int32 histogram (4 bytes per bin,
+# at most 1 per item) and slack (2).
+_BYTES_PER_ENTRY_EXTRA = 12
 # Histogram bins per query row: one per 4 gallery items, at most 16384 (5 items per bin at MSMT
 # size). Fewer bins leave more candidates to sort, more make the histogram slower (measured).
 _ITEMS_PER_BIN = 4
 _MAX_BINS = 16384
-_MAX_CHUNK = 2**31 // _MAX_BINS  # bins of a chunk are numbered in int32
 # The CPU BLAS (MKL) multiplies fewer than about 12 query rows with other kernels, whose scores
 # differ in the last bit; near-equal scores could then rank differently depending on how the
 # queries were sliced. Chunks are padded to at least this many rows (measured: with 12 rows or
@@ -125,7 +124,7 @@ def rank_queries(
     Features are used in their own precision (at least float32) on the query features' device;
     results come back on the CPU. Queries are ranked `chunk_size` at a time (at least 16 rows are
     multiplied, see `_MIN_ROWS`); by default the chunk is the largest whose working set,
-    chunk x G x (2 x itemsize + 8) bytes (16 for float32), fits in `max_bytes`. On top of that
+    chunk x G x (2 x itemsize + 12) bytes (20 for float32), fits in `max_bytes`. On top of that
     come the features (and a copy of the gallery without its pid -1 items) and, only where many
     scores in a row are exactly equal (e.g. a collapsed model), up to ~100 bytes per such entry
     for the sort in `_ranks_in_rows`.
@@ -150,7 +149,7 @@ def rank_queries(
         chunk_size = max(1, max_bytes // per_query)
     elif chunk_size < 1:
         raise ConfigError(f"chunk_size must be at least 1, got {chunk_size}")
-    chunk_size = min(chunk_size, len(qp), _MAX_CHUNK)
+    chunk_size = min(chunk_size, len(qp))
     buffers = _Buffers(max(chunk_size, _MIN_ROWS), len(gallery.pids), dtype, device)
     parts = []
     for start in range(0, len(qp), chunk_size):
@@ -279,7 +278,7 @@ class _Buffers:
     def __init__(self, rows: int, width: int, dtype: torch.dtype, device: torch.device):
         self.scores = torch.empty(rows, width, dtype=dtype, device=device)
         self.scaled = torch.empty(rows, width, dtype=dtype, device=device)
-        self.bins = torch.empty(rows, width, dtype=torch.int32, device=device)
+        self.bins = torch.empty(rows, width, dtype=torch.long, device=device)
 
     def take(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.scores[:rows], self.scaled[:rows], self.bins[:rows]
@@ -329,15 +328,17 @@ def _ranks_in_rows(
     scale = torch.nan_to_num(scale, nan=0.0, posinf=0.0)
     torch.sub(scores, lo, out=scaled).mul_(scale).clamp_(0, num_bins - 1)
     bins.copy_(scaled)  # truncation: bins rise with the score
-    bins += torch.arange(num_rows, device=bins.device, dtype=bins.dtype)[:, None] * num_bins
-    bins, scores = bins.view(-1), scores.view(-1)
-    hist = torch.bincount(bins, minlength=num_rows * num_bins).view(num_rows, num_bins)
+    ones = torch.ones((), dtype=torch.int32, device=bins.device).expand(num_rows, width)
+    hist = torch.zeros(num_rows, num_bins, dtype=torch.int32, device=bins.device)
+    hist.scatter_add_(1, bins, ones)
     above = hist.cumsum_(dim=1).neg_().add_(width).view(-1)  # entries in higher bins of the row
 
-    wanted = torch.zeros(num_rows * num_bins, dtype=torch.bool, device=scores.device)
-    wanted[bins[entries].long()] = True
-    candidates = wanted.index_select(0, bins).nonzero().squeeze(1)  # in (row, column) order
-    cand_bin = bins[candidates].long()
+    wanted = torch.zeros(num_rows, num_bins, dtype=torch.bool, device=bins.device)
+    rows = entries // width
+    wanted[rows, bins.view(-1)[entries]] = True
+    candidates = wanted.gather(1, bins).view(-1).nonzero().squeeze(1)  # in (row, column) order
+    cand_bin = bins.view(-1)[candidates] + candidates // width * num_bins  # numbered by row, bin
+    scores = scores.view(-1)
     # Order candidates by (bin, score descending, column): stable sorts, last key first.
     order = torch.argsort(_descending_key(scores[candidates]), stable=True)
     order = order[torch.argsort(cand_bin[order], stable=True)]

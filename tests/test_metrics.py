@@ -323,11 +323,11 @@ def test_chunk_size_follows_the_memory_budget(monkeypatch):
     monkeypatch.setattr(metrics, "_rank_chunk", lambda qf, *rest: seen.append(len(qf)) or real(qf, *rest))
     qf, ql, qc, gf, gl, gc = hand_worked_example()  # 7 gallery items after dropping pid -1
     qf, ql, qc = np.ones((10, 1)), np.ones(10, dtype=int), np.zeros(10, dtype=int)
-    budget = 3 * 7 * 16  # three queries of float32 (2 x 4 + 8 bytes per entry)
+    budget = 3 * 7 * 20  # three queries of float32 (2 x 4 + 12 bytes per entry)
     rank_queries(qf.astype(np.float32), ql, qc, gf.astype(np.float32), gl, gc, max_bytes=budget)
     assert seen == [3, 3, 3, 1]
     seen.clear()
-    rank_queries(qf, ql, qc, gf, gl, gc, max_bytes=budget)  # float64: 2 x 8 + 8 bytes per entry
+    rank_queries(qf, ql, qc, gf, gl, gc, max_bytes=budget)  # float64: 2 x 8 + 12 bytes per entry
     assert seen == [2] * 5
 
 
