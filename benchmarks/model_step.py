@@ -32,7 +32,10 @@ from ognet.model import VARIANTS, OGNet, build_model, ops  # noqa: E402
 
 NUM_CLASSES = 751
 POINT_OPS = ("knn", "farthest_point_sample", "ball_query")
-MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::matmul", "aten::linear")
+MATMUL_OPS = (
+    *("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::matmul", "aten::linear"),
+    *("aten::convolution", "aten::_convolution", "aten::mkldnn_convolution", "aten::convolution_backward"),
+)
 NORM_OPS = ("aten::native_batch_norm", "aten::native_batch_norm_backward", "aten::_batch_norm_with_update")
 GATHER_OPS = ("aten::gather", "aten::scatter_add_", "aten::index", "aten::index_select", "aten::index_add_")
 
@@ -96,7 +99,7 @@ def time_breakdown(fn: Callable[[], None]) -> dict[str, float]:
         start = time.perf_counter()
         fn()
         wall = time.perf_counter() - start
-    groups = {name: 0.0 for name in (*POINT_OPS, "matmul (convs, linear)", "batch norm", "gather/scatter", "other ops")}
+    groups = {name: 0.0 for name in (*POINT_OPS, "matmul/conv (convs, linear)", "batch norm", "gather/scatter", "other ops")}
     for event in prof.events():
         owner, parent = None, event
         while parent is not None:
@@ -107,7 +110,7 @@ def time_breakdown(fn: Callable[[], None]) -> dict[str, float]:
         if owner:
             groups[owner] += seconds
         elif event.name in MATMUL_OPS:
-            groups["matmul (convs, linear)"] += seconds
+            groups["matmul/conv (convs, linear)"] += seconds
         elif event.name in NORM_OPS:
             groups["batch norm"] += seconds
         elif event.name in GATHER_OPS:

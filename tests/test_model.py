@@ -14,6 +14,16 @@ from ognet.model.convert import import_original, infer_model_config, main
 
 VARIANTS = ("ognet", "ognet-small", "ognet-deep")
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are small: threads gain nothing, and on busy shared cores their hand-offs
+    made this file several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 # Reference section 4: parameters incl. the classifier, without the original's logit_scale.
 PARAMS = {
     "ognet": {751: 2_337_001, 702: 2_311_864, 767: 2_345_209, 1041: 2_485_771},

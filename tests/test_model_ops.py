@@ -11,6 +11,16 @@ from ognet.model import ops
 F32 = np.float32
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are small: threads gain nothing, and on busy shared cores their hand-offs
+    made this file several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def fps_brute(points: np.ndarray, m: int) -> list[int]:
     """The modified FPS kernel for one cloud, point by point, in float32 (ties: lowest index)."""
     p = points.astype(F32)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 # kNN and ball query work on blocks of B x rows x N scores/distances of at most this many elements
 # instead of B x N x N, so memory stays bounded for any N. On CPU, blocks that fit in cache (4 MiB
-# of float32) made both ops about 1.5-3x faster than whole matrices (B=8, N=4096, 1 and 2 threads;
+# of float32) made both ops 1.5-2.5x faster than whole matrices (B=8, N=4096, 1 and 2 threads;
 # on cores shared with other busy processes the many small parallel ops lose instead). On
 # accelerators a block only has to fit in memory (1 GiB), and fewer blocks mean fewer launches.
 CPU_BLOCK_ELEMENTS = 2**20
