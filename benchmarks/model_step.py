@@ -154,10 +154,8 @@ def measure(variant: str, batch: int, points: int, repeats: int) -> dict:
 
 
 def machine() -> dict[str, str]:
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-        platform.processor(),
-    )
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
     return {
         "cpu": cpu,
         "cores": str(os.cpu_count()),
@@ -216,9 +214,10 @@ def main() -> None:
     info = machine()
     results = []
     for variant in args.variants:
-        cmd = [sys.executable, __file__, "--one", variant, "--batch", str(args.batch), "--points", str(args.points), "--repeats", str(args.repeats)]
-        cmd += ["--threads", str(args.threads)] if args.threads else []
-        results.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]))
+        cmd = [sys.executable, __file__, "--one", variant, "--batch", str(args.batch), "--points", str(args.points)]
+        cmd += ["--repeats", str(args.repeats)] + (["--threads", str(args.threads)] if args.threads else [])
+        out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+        results.append(json.loads(out.splitlines()[-1]))
     print(report(args, results, info))
 
 

@@ -337,7 +337,8 @@ def original_eval_feature(sd: dict, cfg: dict, xyz: torch.Tensor, rgb: torch.Ten
         return sd["module." + name]
 
     def bn(x: torch.Tensor, name: str) -> torch.Tensor:
-        return F.batch_norm(x, w(f"{name}.running_mean"), w(f"{name}.running_var"), w(f"{name}.weight"), w(f"{name}.bias"), False, 0.0, 1e-5)
+        stats = w(f"{name}.running_mean"), w(f"{name}.running_var")
+        return F.batch_norm(x, *stats, w(f"{name}.weight"), w(f"{name}.bias"), False, 0.0, 1e-5)
 
     dims, k, num_conv = cfg["feature_dims"], cfg["k"], cfg["num_conv"]
     B = xyz.shape[0]
@@ -406,11 +407,13 @@ def original_eval_feature(sd: dict, cfg: dict, xyz: torch.Tensor, rgb: torch.Ten
 def test_eval_feature_equals_the_original_forward(variant, overrides):
     overrides = {"init_points": 160, **overrides}
     model = build_model(variant, 751, **overrides).double().eval()
-    sd = {k: v.double() if v.is_floating_point() else v for k, v in original_state_dict(variant, 751, gem=overrides.get("gem", True)).items()}
+    original = original_state_dict(variant, 751, gem=overrides.get("gem", True))
+    sd = {k: v.double() if v.is_floating_point() else v for k, v in original.items()}
     load_original(model, sd)
     xyz, rgb = cloud(2, 300, seed=1, dtype=torch.float64)
     xyz[0, 5] = 0.0  # FPS must skip it
-    cfg = {f: getattr(model.config, f) for f in ("feature_dims", "k", "num_conv", "init_points", "norm", "gem", "id_skip")}
+    fields = ("feature_dims", "k", "num_conv", "init_points", "norm", "gem", "id_skip")
+    cfg = {f: getattr(model.config, f) for f in fields}
     with torch.no_grad():
         ours = model(xyz, rgb).feature
         want = original_eval_feature(sd, cfg, xyz, rgb)

@@ -176,9 +176,14 @@ def test_knn_rejects_k_above_points():
 
 def test_index_ops_ignore_autocast_and_gradients():
     xyz = random_cloud(np.random.default_rng(5), 2, 64).requires_grad_()
-    plain = (ops.farthest_point_sample(xyz, 16), ops.knn(xyz.transpose(1, 2), 8), ops.ball_query(xyz, xyz[:, :16], (0.3,), (8,))[0])
+
+    def all_ops() -> tuple[torch.Tensor, ...]:
+        ball = ops.ball_query(xyz, xyz[:, :16], (0.3,), (8,))[0]
+        return ops.farthest_point_sample(xyz, 16), ops.knn(xyz.transpose(1, 2), 8), ball
+
+    plain = all_ops()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        auto = (ops.farthest_point_sample(xyz, 16), ops.knn(xyz.transpose(1, 2), 8), ops.ball_query(xyz, xyz[:, :16], (0.3,), (8,))[0])
+        auto = all_ops()
     for a, b in zip(plain, auto):
         assert torch.equal(a, b) and not a.requires_grad
 

@@ -105,7 +105,7 @@ class OGNetConfig:
             else:
                 points.append(None)
         if npoint < self.k:
-            raise ConfigError(f"model options leave {npoint} points in the last layer, fewer than k={self.k} neighbours")
+            raise ConfigError(f"model options leave {npoint} points in the last layer, fewer than k={self.k}")
         return points
 
 
