@@ -15,14 +15,7 @@ from ognet.model.convert import import_original, infer_model_config, main
 VARIANTS = ("ognet", "ognet-small", "ognet-deep")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are small: threads gain nothing, and on busy shared cores their hand-offs
-    made this file several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Reference section 4: parameters incl. the classifier, without the original's logit_scale.
 PARAMS = {

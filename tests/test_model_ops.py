@@ -11,14 +11,7 @@ from ognet.model import ops
 F32 = np.float32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are small: threads gain nothing, and on busy shared cores their hand-offs
-    made this file several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fps_brute(points: np.ndarray, m: int) -> list[int]:
