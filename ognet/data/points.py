@@ -4,7 +4,7 @@ Every reader returns a `PointCloud` of float32 xyz (N, 3) and float32 rgb (N, 3)
 order, and every malformation is a `DataError` that names the file.
 
 `.obj` files are parsed here rather than by open3d: the 3DMarket+bg files of the original carry
-one face line only (a file-size hack), and open3d >= 0.10 keeps only the vertices that faces use,
+one face line only (a file-size hack), and open3d 0.20 (checked) keeps only the vertices that faces use,
 so it returns 3 points out of 8192. open3d 0.9, which the original used, kept every vertex in file
 order; this parser returns exactly that. open3d reads `.ply` and `.pcd`.
 """
