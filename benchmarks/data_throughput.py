@@ -46,6 +46,7 @@ from ognet.data.pack import PackOptions, pack_dataset  # noqa: E402
 from ognet.data.points import read_points  # noqa: E402
 from ognet.data.shards import ShardReader, read_npy, read_tar_members, stream_split  # noqa: E402
 from ognet.data.transforms import TransformConfig, transform  # noqa: E402
+from common import cpu_model
 
 SEED = 0
 CONFIG = TransformConfig()  # the original's training transform: flip, slim 0.5, scale + jitter
@@ -196,8 +197,7 @@ def make_data(work: Path, samples: int, workers: int) -> tuple[Path, Path, Path]
 
 
 def machine() -> dict[str, str]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = cpu_model()
     import open3d
     import webdataset
 

@@ -29,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ognet.model import VARIANTS, OGNet, build_model, ops  # noqa: E402
+from common import cpu_model
 
 NUM_CLASSES = 751
 POINT_OPS = ("knn", "farthest_point_sample", "ball_query")
@@ -154,8 +155,7 @@ def measure(variant: str, batch: int, points: int, repeats: int) -> dict:
 
 
 def machine() -> dict[str, str]:
-    lines = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
+    cpu = cpu_model()
     return {
         "cpu": cpu,
         "cores": str(os.cpu_count()),

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ognet.metrics import PerQueryResult, rank_queries, reduce_results  # noqa: E402
+from common import cpu_model
 
 DIM = 512
 SEED = 0
@@ -196,8 +197,7 @@ def gib(n: float) -> str:
 
 
 def machine() -> list[str]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = cpu_model()
     return [
         f"- CPU: {cpu}, {os.cpu_count()} logical cores; torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), numpy {np.__version__}, Python {platform.python_version()}",

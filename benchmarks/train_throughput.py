@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from common import cpu_model
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,13 +30,6 @@ def prepare(base: Path, points: int) -> Path:
     subprocess.run([BIN / "ognet-synth", "--out", base / "raw", "--preset", "small", "--points", str(points), "--no-progress"], check=True)
     subprocess.run([BIN / "ognet-pack", base / "raw", base / "shards", "--max-count", "64"], check=True, capture_output=True)
     return base / "shards"
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def run(shards: Path, run_dir: Path, world: int, steps: int, batch: int, workers: int) -> float:

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ognet.errors import OgnetError
 from ognet.checkpoint import save_checkpoint
+from ognet.config import plain
 from ognet.model.network import VARIANTS, OGNet, build_model
 
 PREFIX = "module."
@@ -121,14 +122,9 @@ def import_original(
     variant, num_classes, options = infer_model_config(state_dict, variant, overrides)
     model = build_model(variant, num_classes, **options)
     load_original(model, state_dict)
-    config = {"variant": variant, "num_classes": num_classes, "overrides": _plain(options)}
+    config = {"variant": variant, "num_classes": num_classes, "overrides": plain(options)}
     save_checkpoint(destination, {"model": model.state_dict(), "model_config": config})
     return config
-
-
-def _plain(options: Mapping[str, Any]) -> dict[str, Any]:
-    """Tuples -> lists so the config reads back from YAML/JSON unchanged."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
