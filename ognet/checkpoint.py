@@ -9,11 +9,14 @@ A checkpoint is a dict of tensors and plain values saved with `torch.save` and r
      "optimizer": ..., "progress": {"epoch", "step", "global_step"}, "averaged": ..., "config": ...}
 
 Training checkpoints are `<run>/checkpoints/step-<global step>.pt`; the newest complete one is
-resumed. The written file appears only once complete (write to a temporary name, fsync, rename).
+resumed. The written file appears only once complete (write to a temporary name, fsync, rename);
+the temporary file a killed writer leaves is never taken for a checkpoint and is removed by the
+next save in its folder. A full disk raises `DiskFullError` naming the checkpoint.
 """
 
 from __future__ import annotations
 
+import glob
 import pickle
 import re
 import shutil
@@ -23,7 +26,7 @@ from typing import Any
 import torch
 
 from ognet.errors import OgnetError
-from ognet.io import atomic_write
+from ognet.io import atomic_write, remove_partials
 
 CHECKPOINT_FORMAT = "ognet-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -35,7 +38,10 @@ class CheckpointError(OgnetError):
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write atomically, after removing the partial files that killed saves of this file left (of
+    any training checkpoint, for a `step-N.pt`: one process writes them, so none is in progress)."""
     path = Path(path)
+    remove_partials(path.parent, "step-*.pt" if _STEP_NAME.match(path.name) else glob.escape(path.name))
     with atomic_write(path) as f:
         torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}, f)
     return path

@@ -3,33 +3,82 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
+
+from ognet.errors import OgnetError
+
+log = logging.getLogger(__name__)
+
+PARTIAL_SUFFIX = ".partial"
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(OgnetError):
+    """A file could not be written for lack of space (full disk or quota); nothing already there changed."""
 
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Write to a temporary file beside `path`, fsync it, then rename it into place.
 
-    A crash or an error (a full disk) leaves the previous version of `path` untouched and no
-    partial file under its name.
+    A crash or an error leaves the previous version of `path` untouched and no partial file under
+    its name; an error also removes the temporary file. A full disk raises `DiskFullError` naming
+    `path`, also where the writer wrapped the OSError (torch.save raises a RuntimeError).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        full = _disk_full(e)
+        if full is not None and not isinstance(e, DiskFullError):
+            raise DiskFullError(f"{path}: not written: {os.strerror(full.errno).lower()} ({_free(path.parent)} free "
+                                f"in {path.parent}); files already there are untouched") from e
         raise
+
+
+def remove_partials(folder: str | os.PathLike, name_pattern: str = "*") -> list[Path]:
+    """Delete what killed writers left in `folder`: the temporary files of `atomic_write` for the
+    targets matching the glob `name_pattern`. Call it only where nobody is writing those targets now."""
+    removed = sorted(Path(folder).glob(f".{name_pattern}.*{PARTIAL_SUFFIX}"))
+    for p in removed:
+        p.unlink(missing_ok=True)
+    if removed:
+        log.warning("removed %d partial file(s) left by an interrupted write: %s", len(removed),
+                    ", ".join(str(p) for p in removed))
+    return removed
+
+
+def _disk_full(error: BaseException | None) -> OSError | None:
+    """The ENOSPC/EDQUOT OSError behind `error`, following its chain of causes."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in _DISK_FULL:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _free(folder: Path) -> str:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return "unknown space"
+    return f"{st.f_bavail * st.f_frsize / 2**20:.1f} MiB"
 
 
 def _umask() -> int:

@@ -2,8 +2,9 @@
 
 Each split is planned first (sorted sample list, fixed shard boundaries), then shards are written
 in parallel, each atomically with a small manifest beside it, so an interrupted run resumes by
-skipping the shards whose manifests match the plan. The index is written last: a split whose
-`index.json` exists is complete.
+skipping the shards whose manifests match the plan (and removing the temporary files of writes
+that were killed). The index is written last: a split whose `index.json` exists is complete. A full
+disk stops packing with a `DiskFullError` naming the file; the shards already written stay valid.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from tqdm import tqdm
 from ognet.data import layouts
 from ognet.data.points import read_points
 from ognet.data.shards import INDEX_NAME, ShardIndex, encode_sample, load_index, shard_name, write_shard
-from ognet.errors import DataError, ShardError
-from ognet.io import atomic_write
+from ognet.errors import DataError, OgnetError, ShardError
+from ognet.io import atomic_write, remove_partials
 
 PARTS_DIR = ".parts"
 
@@ -62,6 +63,8 @@ def pack_split(root: Path, split: str, out: Path, label_map: dict[int, int], opt
     out.mkdir(parents=True, exist_ok=True)
     parts = out / PARTS_DIR
     parts.mkdir(exist_ok=True)
+    for folder in (out, parts):  # what killed writers left: only this run writes here
+        remove_partials(folder)
 
     jobs = [(root, out, shard, start, chunk, label_map, options.colors)
             for shard, (start, chunk) in enumerate(zip(starts, plan)) if not _shard_done(out, shard, chunk)]
@@ -173,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     options = PackOptions(args.max_count, int(args.max_bytes) if args.max_bytes else None, args.colors, args.workers, args.naming)
     try:
         indexes = pack_dataset(args.root, args.out, args.splits, options)
-    except (DataError, ShardError) as e:
+    except OgnetError as e:
         sys.exit(f"ognet-pack: error: {e}")
     for split, index in indexes.items():
         print(f"{split}: {len(index)} samples, {index.num_classes} classes, {len(index.shards)} shards -> {Path(args.out) / split / INDEX_NAME}")
