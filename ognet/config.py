@@ -34,6 +34,9 @@ class DataConfig:
     scale: bool = True
     rotate: bool = False
     erase: float = 0.0
+    # error | skip: what an unreadable (corrupt, truncated, missing) sample does. skip: training
+    # replaces it by a readable sample of the same identity, evaluation leaves it out; both count it
+    bad_samples: str = "error"
 
 
 @dataclass
@@ -116,6 +119,7 @@ class Config:
 
 
 _CHOICES = {
+    "data.bad_samples": ("error", "skip"),
     "model.variant": ("ognet", "ognet-small", "ognet-deep"),
     "sampler.mode": ("balance", "class_sampler", "shuffle", "pk"),
     "loss.form": ("global", "per_anchor"),

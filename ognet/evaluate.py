@@ -6,6 +6,10 @@ the per-query results are reduced. The numbers do not depend on the world size.
 
 Test-time augmentation is the original's: feature = f(xyz) + f(1.1 xyz) (`eval.scales`), then
 L2-normalised; the feature is the 512-d BN-neck output. `eval.flip` also adds the x-flipped cloud.
+
+With `data.bad_samples=skip` an unreadable query or gallery sample is left out of the ranking, as
+if absent from its split; which samples are left out is merged by sample index like the features,
+so the numbers still do not depend on the world size.
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ from tqdm import tqdm
 from ognet import dist
 from ognet.checkpoint import load_checkpoint, load_model_state
 from ognet.config import Config
-from ognet.data.dataset import EvalSet, ignore_preemption_signal
+from ognet.data.dataset import EvalSet, collate_eval, ignore_preemption_signal
 from ognet.data.shards import ShardReader, join_location
 from ognet.data.transforms import TransformConfig
+from ognet.errors import ShardError
 from ognet.io import atomic_write
 from ognet.metrics import PerQueryResult, format_result_line, rank_queries, reduce_results
 from ognet.model import build_model
@@ -39,16 +44,22 @@ def rank_slice(n: int, info: dist.DistInfo) -> np.ndarray:
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, reader: ShardReader, config: Config, info: dist.DistInfo, desc: str) -> torch.Tensor:
-    """L2-normalised test features of every sample of `reader`, in sample order, on every rank."""
+def extract_features(model: nn.Module, reader: ShardReader, config: Config, info: dist.DistInfo,
+                     desc: str) -> tuple[torch.Tensor, np.ndarray]:
+    """L2-normalised test features of every sample of `reader`, in sample order, on every rank, and
+    which samples were unreadable and left out (data.bad_samples=skip; their feature rows are 0)."""
     transforms = TransformConfig(slim=config.data.slim)
     indices = rank_slice(len(reader), info)
-    loader = DataLoader(Subset(EvalSet(reader, transforms), indices.tolist()), batch_size=config.eval.batch_size,
-                        num_workers=config.data.num_workers, pin_memory=info.device.type == "cuda",
-                        worker_init_fn=ignore_preemption_signal)
+    loader = DataLoader(Subset(EvalSet(reader, transforms, config.data.bad_samples), indices.tolist()),
+                        batch_size=config.eval.batch_size, num_workers=config.data.num_workers,
+                        pin_memory=info.device.type == "cuda", worker_init_fn=ignore_preemption_signal,
+                        collate_fn=collate_eval)
     model.eval()
-    features, order = [], []
-    for xyz, rgb, index in tqdm(loader, desc=desc, disable=not info.is_main, unit="batch", leave=False):
+    features, order, bad = [], [], []
+    for xyz, rgb, index, unreadable in tqdm(loader, desc=desc, disable=not info.is_main, unit="batch", leave=False):
+        bad.append(unreadable.to(info.device))
+        if xyz is None:
+            continue
         xyz, rgb = xyz.to(info.device), rgb.to(info.device)
         # A short batch (the end of a slice) is padded to the full size with copies of its last
         # cloud: BLAS picks its kernels by batch size, so a sample's feature would otherwise differ
@@ -64,9 +75,12 @@ def extract_features(model: nn.Module, reader: ShardReader, config: Config, info
         order.append(index.to(info.device))
     local = torch.cat(features) if features else torch.zeros(0, model.config.embedding_dim, device=info.device)
     local_order = torch.cat(order) if order else torch.zeros(0, dtype=torch.long, device=info.device)
-    merged = torch.empty(len(reader), local.shape[1], device=info.device)
+    merged = torch.zeros(len(reader), local.shape[1], device=info.device)
     merged[dist.all_gather_uneven(local_order)] = dist.all_gather_uneven(local)
-    return merged
+    left_out = np.zeros(len(reader), dtype=bool)
+    local_bad = torch.cat(bad) if bad else torch.zeros(0, dtype=torch.long, device=info.device)
+    left_out[dist.all_gather_uneven(local_bad).cpu().numpy()] = True
+    return merged, left_out
 
 
 def evaluate_model(model: nn.Module, config: Config, info: dist.DistInfo, monitor: Monitor, step: int = 0,
@@ -75,34 +89,46 @@ def evaluate_model(model: nn.Module, config: Config, info: dist.DistInfo, monito
     was_training = model.training
     query = ShardReader(join_location(config.data.root, config.data.query_split), config.data.cache_dir)
     gallery = ShardReader(join_location(config.data.root, config.data.gallery_split), config.data.cache_dir)
-    qf = extract_features(model, query, config, info, "query")
-    gf = extract_features(model, gallery, config, info, "gallery")
+    qf, q_out = extract_features(model, query, config, info, "query")
+    gf, g_out = extract_features(model, gallery, config, info, "gallery")
     qi, gi = query.index, gallery.index
+    for reader, out in ((query, q_out), (gallery, g_out)):
+        if out.all():
+            raise ShardError(f"{reader.location}: no sample is readable (data.bad_samples=skip leaves out all {len(out)})")
 
-    mine = rank_slice(len(qi), info)
+    queries, kept = np.flatnonzero(~q_out), np.flatnonzero(~g_out)
+    kept_f = gf[kept] if g_out.any() else gf  # no copy of the gallery's features when none is left out
+    mine = queries[rank_slice(len(queries), info)]
     if len(mine):
-        part = rank_queries(qf[mine], qi.pids[mine], qi.camids[mine], gf, gi.pids, gi.camids, ap=config.eval.ap)
+        part = rank_queries(qf[mine], qi.pids[mine], qi.camids[mine], kept_f, gi.pids[kept], gi.camids[kept],
+                            ap=config.eval.ap)
     else:  # more ranks than queries: nothing to rank here (rank_queries refuses an empty set), still gather
         part = PerQueryResult(torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64),
                               torch.zeros(0, dtype=torch.long))
     merged = PerQueryResult(*(dist.all_gather_uneven(t.to(info.device)).cpu() for t in (part.ap, part.inp, part.first_good)))
     metrics = reduce_results([merged])
+    skip = config.data.bad_samples == "skip"
+    if skip:
+        metrics["num_bad_samples"] = int(q_out.sum() + g_out.sum())
     model.train(was_training)
 
     if info.is_main:
         out = Path(out_dir or config.run_dir)
         line = format_result_line(metrics)
-        monitor.log(f"{tag}: {line} mINP:{metrics['mINP']:f} ({metrics['num_queries']} queries, {len(gi)} gallery)")
+        note = f"; {q_out.sum()} query and {g_out.sum()} gallery samples unreadable, left out" if skip else ""
+        monitor.log(f"{tag}: {line} mINP:{metrics['mINP']:f} ({metrics['num_queries']} queries, {len(kept)} gallery{note})")
         with atomic_write(out / f"metrics-{tag}.json", "w") as f:
             json.dump({"step": step, **metrics}, f, indent=1)
         with open(out / "result.txt", "a") as f:
             f.write(f"{tag} step {step}: {line}\n")
         monitor.scalars({f"{tag}/rank1": metrics["rank1"], f"{tag}/rank5": metrics["rank5"],
                          f"{tag}/rank10": metrics["rank10"], f"{tag}/mAP": metrics["mAP"], f"{tag}/mINP": metrics["mINP"]}, step)
+        if skip:
+            monitor.scalars({f"{tag}/bad_samples": metrics["num_bad_samples"]}, step)
         if config.eval.save_features:
             save_features(out, tag, qf.cpu().numpy(), gf.cpu().numpy(), qi, gi, monitor)
-        for q in range(min(config.eval.rank_list_queries, len(qi))):
-            picture = rank_list_picture(q, qf, gf, query, gallery)
+        for q in queries[:config.eval.rank_list_queries].tolist():
+            picture = rank_list_picture(q, qf, gf, query, gallery, g_out)
             monitor.image(f"{tag}/rank_list_{q}", picture, step)
             Image.fromarray(picture).save(out / f"rank-list-{tag}-{q}.png")
         if config.eval.rank_list_queries:
@@ -126,11 +152,15 @@ def save_features(out: Path, tag: str, qf: np.ndarray, gf: np.ndarray, qi, gi, m
         "gallery_f": gf, "gallery_label": gi.pids, "gallery_cam": gi.camids})
 
 
-def rank_list_picture(q: int, qf: torch.Tensor, gf: torch.Tensor, query: ShardReader, gallery: ShardReader, top: int = 10) -> np.ndarray:
-    """Query `q` and its top gallery clouds (junk removed), correct matches framed green, others red."""
+def rank_list_picture(q: int, qf: torch.Tensor, gf: torch.Tensor, query: ShardReader, gallery: ShardReader,
+                      left_out: np.ndarray | None = None, top: int = 10) -> np.ndarray:
+    """Query `q` and its top gallery clouds (junk and left-out samples removed), correct matches
+    framed green, others red."""
     qi, gi = query.index, gallery.index
     scores = (gf @ qf[q]).cpu().numpy()
     junk = (gi.pids == -1) | ((gi.pids == qi.pids[q]) & (gi.camids == qi.camids[q]))
+    if left_out is not None:
+        junk |= left_out
     ranked = [int(i) for i in np.argsort(-scores, kind="stable") if not junk[i]][:top]
     clouds = [query[q]] + [gallery[i] for i in ranked]
     matches = [None] + [bool(gi.pids[i] == qi.pids[q]) for i in ranked]

@@ -46,6 +46,7 @@ class Progress:
     step: int = 0
     global_step: int = 0
     skipped_steps: int = 0
+    bad_samples: int = 0  # unreadable samples replaced so far, all ranks (data.bad_samples=skip)
 
 
 class NonFiniteLossError(OgnetError):
@@ -222,7 +223,7 @@ def update_bn(model: nn.Module, batches, device: torch.device) -> None:
         m.reset_running_stats()
         m.momentum = None
     model.train()
-    for xyz, rgb, _ in batches:
+    for xyz, rgb, *_ in batches:
         model(xyz.to(device), rgb.to(device))
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
@@ -278,7 +279,7 @@ def _train(config: Config, info: dist.DistInfo, run_dir: Path, ckpt_dir: Path, m
     steps_per_epoch = sampler.steps_per_epoch if not t.max_steps_per_epoch else min(sampler.steps_per_epoch, t.max_steps_per_epoch)
     transforms = TransformConfig(slim=config.data.slim, flip=config.data.flip, scale=config.data.scale,
                                  rotate=config.data.rotate, erase=config.data.erase)
-    dataset = TrainSet(reader, transforms, t.seed)
+    dataset = TrainSet(reader, transforms, t.seed, config.data.bad_samples)
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = build_model(config.model.variant, index.num_classes, **config.model.overrides)
@@ -335,7 +336,7 @@ def _train(config: Config, info: dist.DistInfo, run_dir: Path, ckpt_dir: Path, m
         seen, waited, norm = 0, 0.0, float("nan")
         bar = tqdm(loader, desc=f"epoch {epoch}", total=steps_per_epoch - progress.step, unit="step", leave=False,
                    disable=not info.is_main)
-        for xyz, rgb, labels in bar:
+        for xyz, rgb, labels, *replaced in bar:  # replaced: with data.bad_samples=skip
             waited += time.time() - last
             if progress.step >= steps_per_epoch:
                 break
@@ -348,6 +349,12 @@ def _train(config: Config, info: dist.DistInfo, run_dir: Path, ckpt_dir: Path, m
                 checkpoint()
                 monitor.log(f"preemption signal: checkpoint written at global step {progress.global_step}; exiting")
                 raise Preempted(str(latest_checkpoint(ckpt_dir)))
+            if replaced:
+                bad = round(dist.all_reduce_mean(replaced[0].sum().double().to(info.device)).item() * info.world_size)
+                if bad:
+                    progress.bad_samples += bad
+                    monitor.log(f"epoch {epoch} step {progress.step}: {bad} unreadable samples replaced by others of "
+                                f"their identity ({progress.bad_samples} so far; the workers' warnings name them)")
             lr = learning_rate(config, epoch, progress.step, steps_per_epoch)
             engine.set_lr(lr)
             torch.manual_seed(step_seed(t.seed, epoch, progress.step, info.rank))
@@ -382,6 +389,7 @@ def _train(config: Config, info: dist.DistInfo, run_dir: Path, ckpt_dir: Path, m
                 monitor.scalars({"train/loss": terms.total.item(), "train/ce": terms.ce.item(),
                                  "train/circle": terms.circle.item(), "train/loss_warmup": factor, "train/lr": lr,
                                  "train/samples_per_s": rate, "train/skipped_steps": progress.skipped_steps,
+                                 "train/bad_samples": progress.bad_samples,
                                  "train/grad_norm": norm, "train/data_wait_fraction": waited / elapsed,
                                  "train/step_time_s": elapsed / max(seen / len(labels) / info.world_size, 1),
                                  "train/peak_memory_mb": peak_memory_mb(info.device)},

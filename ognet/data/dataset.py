@@ -5,50 +5,131 @@ stratified sampler, so a worker knows which augmentation to draw without any sha
 generator is seeded by (seed, epoch, position in the epoch's global stream, sample index). The
 same sample drawn twice in an epoch is augmented differently; the same run replays identically
 on any number of workers and ranks.
+
+An unreadable sample (corrupt, truncated, or in a missing shard) is an error naming the shard and
+the sample. With `data.bad_samples=skip` a training sample is replaced by a readable one of the
+same identity and an evaluation sample is left out; either way the worker logs a warning naming
+it and the count reaches the training log, TensorBoard and the metrics: never silently.
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from ognet.data.sampler import StratifiedSampler
-from ognet.data.shards import ShardReader
+from ognet.data.shards import Sample, ShardReader
 from ognet.data.transforms import TransformConfig, transform
+from ognet.errors import DataError, ShardError
+
+BAD_SAMPLES = ("error", "skip")  # data.bad_samples
+log = logging.getLogger(__name__)
+
+
+def _check_bad_samples(bad_samples: str) -> str:
+    if bad_samples not in BAD_SAMPLES:
+        raise ValueError(f"bad_samples must be one of {BAD_SAMPLES}, got {bad_samples!r}")
+    return bad_samples
+
+
+def read_sample(reader: ShardReader, index: int) -> Sample:
+    """`reader[index]`, naming the sample in every error: the reader reports a shard that cannot be
+    opened or fetched at all by its file alone."""
+    try:
+        return reader[index]
+    except ShardError as e:
+        if f", sample {index}:" in str(e):
+            raise
+        raise ShardError(f"sample {index}: {e}") from e
 
 
 class TrainSet(Dataset):
-    def __init__(self, reader: ShardReader, config: TransformConfig, seed: int):
-        self.reader, self.config, self.seed = reader, config, seed
+    """Augmented training items (xyz, rgb, label).
+
+    With `bad_samples="skip"` an unreadable sample is replaced by a readable one of the same
+    identity, so labels, batch shapes and the P x K structure stay, and every rank keeps its batch
+    size for the all-gathered circle loss. Items then carry a fourth field, 1 where the sample was
+    replaced, which the training loop sums over ranks and reports.
+    """
+
+    def __init__(self, reader: ShardReader, config: TransformConfig, seed: int, bad_samples: str = "error"):
+        self.reader, self.config, self.seed, self.bad_samples = reader, config, seed, _check_bad_samples(bad_samples)
 
     def __len__(self) -> int:
         return len(self.reader)
 
-    def __getitem__(self, item: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, item: tuple[int, int, int]) -> tuple:
         epoch, position, index = item
-        sample = self.reader[index]
+        if self.bad_samples == "error":
+            return self._load(epoch, position, index)
+        try:
+            return *self._load(epoch, position, index), 0
+        except (ShardError, DataError) as e:
+            return *self._replacement(epoch, position, index, e), 1
+
+    def _load(self, epoch: int, position: int, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        sample = read_sample(self.reader, index)
         rng = np.random.default_rng([self.seed, epoch, position, index])
         xyz, rgb = transform(sample.xyz, sample.rgb, self.config, rng)
         return torch.from_numpy(xyz), torch.from_numpy(rgb), sample.label
 
+    def _replacement(self, epoch: int, position: int, index: int, error: Exception) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The first readable sample of the same identity, in an order drawn from (seed, epoch,
+        position, index): the same on every run, and a bad sample drawn K times in a P x K batch
+        gets different replacements where its identity has them."""
+        labels = self.reader.index.labels
+        others = np.flatnonzero(labels == labels[index])
+        others = others[others != index]
+        for candidate in np.random.default_rng([self.seed, epoch, position, index]).permutation(others):
+            try:
+                item = self._load(epoch, position, int(candidate))
+            except (ShardError, DataError):
+                continue
+            log.warning(f"{error}; replaced by sample {candidate} of the same identity (data.bad_samples=skip)")
+            return item
+        raise ShardError(f"{error}; no other sample of its identity (pid {self.reader.index.pids[index]}, "
+                         f"{len(others) + 1} samples) is readable either, so data.bad_samples=skip cannot replace it")
+
 
 class EvalSet(Dataset):
-    """Deterministic test-time transform; items carry their sample index for merging across ranks."""
+    """Deterministic test-time transform; items carry their sample index for merging across ranks.
 
-    def __init__(self, reader: ShardReader, config: TransformConfig):
-        self.reader, self.config = reader, config
+    With `bad_samples="skip"` an unreadable sample becomes `(None, None, index)`: `collate_eval`
+    takes it out of the batch and lists it, so evaluation can leave it out of the ranking.
+    """
+
+    def __init__(self, reader: ShardReader, config: TransformConfig, bad_samples: str = "error"):
+        self.reader, self.config, self.bad_samples = reader, config, _check_bad_samples(bad_samples)
 
     def __len__(self) -> int:
         return len(self.reader)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        sample = self.reader[index]
-        xyz, rgb = transform(sample.xyz, sample.rgb, self.config, None)
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+        try:
+            sample = read_sample(self.reader, index)
+            xyz, rgb = transform(sample.xyz, sample.rgb, self.config, None)
+        except (ShardError, DataError) as e:
+            if self.bad_samples == "error":
+                raise
+            log.warning(f"{e}; left out of the evaluation (data.bad_samples=skip)")
+            return None, None, index
         return torch.from_numpy(xyz), torch.from_numpy(rgb), index
+
+
+def collate_eval(items: list[tuple]) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(xyz, rgb, indices) of the readable items of a batch, plus the indices of the unreadable
+    ones; xyz and rgb are None when no item was readable."""
+    good = [item for item in items if item[0] is not None]
+    bad = torch.tensor([item[2] for item in items if item[0] is None], dtype=torch.long)
+    if not good:
+        return None, None, torch.zeros(0, dtype=torch.long), bad
+    xyz, rgb, index = default_collate(good)
+    return xyz, rgb, index, bad
 
 
 class SamplerBatches(Sampler[list[tuple[int, int, int]]]):
