@@ -31,8 +31,8 @@ from ognet.data.dataset import EvalSet, SamplerBatches, TrainSet, train_loader
 from ognet.data.layouts import label_map, scan_split
 from ognet.data.pack import PARTS_DIR, PackOptions, main as pack_main, pack_dataset, verify_main, verify_split
 from ognet.data.sampler import StratifiedSampler
-from ognet.data.shards import (INDEX_NAME, ShardIndex, ShardReader, encode_sample, load_index, read_npy,
-                               read_tar_members, shard_name, stream_split, write_shard)
+from ognet.data.shards import (INDEX_NAME, ShardIndex, ShardReader, decode_sample, encode_sample, load_index,
+                               read_npy, read_tar_members, shard_name, stream_split, write_shard)
 from ognet.data.transforms import TransformConfig, transform
 from ognet.errors import DataError, ShardError
 
@@ -690,3 +690,76 @@ def test_evaluation_batches_are_identical_with_0_and_2_workers(tiny_shards):
     want = transform(sample.xyz, sample.rgb, TransformConfig(), None)
     assert torch.equal(plain[1][0][2], torch.from_numpy(want[0]))
     assert torch.equal(plain[1][1][2], torch.from_numpy(want[1]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Found by tests/test_fuzz.py: each raised something other than the documented error before
+
+
+def npy_with_header(header: str, body: bytes = bytes(48)) -> bytes:
+    text = header.encode("latin1") + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text + body
+
+
+@pytest.mark.parametrize("header", [
+    "{'descr': '<f4', 'fortran_order': False, 'shape': (9223372036854775808,)}",  # OverflowError
+    "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 6), }" + "(" * 300,  # tokenize.TokenError
+    "{[1]: 2}",  # TypeError
+], ids=["huge shape", "unclosed", "unhashable key"])
+def test_read_npy_refuses_garbled_headers_with_value_error(header):
+    with pytest.raises(ValueError):
+        read_npy(npy_with_header(header))
+
+
+def test_decode_sample_refuses_infinite_numbers_and_deep_json():
+    members = dict(encode_sample(0, np.zeros((4, 3), np.float32), np.zeros((4, 3), np.float32),
+                                 {"pid": 1, "camid": 1, "label": 0, "path": "x"}))
+    members["00000000.json"] = b'{"index": Infinity, "pid": 1, "camid": 1, "label": 0, "path": "x"}'  # OverflowError
+    with pytest.raises(ShardError, match="^w: sample metadata is malformed"):
+        decode_sample(members, "00000000", "w")
+    members["00000000.json"] = b"[" * 100_000 + b"]" * 100_000  # RecursionError
+    with pytest.raises(ShardError, match="^w: cannot decode sample"):
+        decode_sample(members, "00000000", "w")
+
+
+def test_a_negative_tar_member_size_is_refused():
+    """int() reads '-1' too; the member data would then have been parsed as the next header."""
+    data = bytearray(tar_bytes(member("00000000.json")))
+    data[124:136] = b"-0000000001\0"
+    data[148:156] = b" " * 8
+    data[148:156] = b"%06o\0 " % sum(data[:512])
+    with pytest.raises(ShardError, match="^t: member '00000000.json' declares -1 bytes"):
+        list(read_tar_members(bytes(data), "t"))
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: d.update(shards=[5]), "malformed index"),  # AttributeError
+    (lambda d: d.update(label_map=[1]), "malformed index"),  # AttributeError
+    (lambda d: d["samples"].update(pid=[10**30] * len(d["samples"]["pid"])), "malformed index"),  # OverflowError
+    (lambda d: d["samples"].update(pid=5), "must be lists of integers"),  # TypeError
+    (lambda d: d["shards"][0].update(name=5), "shard name 5 is not a plain file name"),  # TypeError
+    (lambda d: d["shards"][0].pop("bytes"), "has byte size None"),  # KeyError
+    (lambda d: d["shards"][0].update(bytes="a"), "has byte size 'a'"),  # numpy UFuncTypeError
+    (lambda d: d["shards"][0].update(num_samples=[]), "lists [] samples"),  # ValueError: truth value of an array
+    (lambda d: d["samples"]["shard"].__setitem__(0, -1), "refers to a shard that is not listed"),  # ValueError
+    (lambda d: d["samples"]["shard"].__setitem__(0, 10**13), "refers to a shard that is not listed"),  # MemoryError
+    (lambda d: d["samples"]["location"].__setitem__(0, [2**62, 2**62, 0]), "outside its shard"),  # wrapped; OSError
+])
+def test_malformed_index_values_are_refused(tiny_shards, tmp_path, edit, message):
+    data = json.loads((tiny_shards / "query" / INDEX_NAME).read_text())
+    edit(data)
+    (tmp_path / INDEX_NAME).write_text(json.dumps(data))
+    with pytest.raises(ShardError, match=f"^{re.escape(str(tmp_path / INDEX_NAME))}: .*{re.escape(message)}"):
+        load_index(tmp_path)
+
+
+def test_reader_reads_no_more_than_the_shard_holds(tmp_path):
+    """An index may declare any sizes: a 1 TiB length must not become a 1 TiB read buffer."""
+    members = encode_sample(0, np.zeros((4, 3), np.float32), np.zeros((4, 3), np.float32),
+                            {"pid": 1, "camid": 1, "label": 0, "path": "x"})
+    entry, locations = write_shard(tmp_path / shard_name(0), [members])
+    entry["bytes"] = locations[0][1] = 2**40  # MemoryError before
+    ShardIndex(split="query", shards=[entry], pids=np.array([1]), camids=np.array([1]), labels=np.array([0]),
+               paths=["x"], shard_ids=np.array([0]), locations=np.array(locations), label_map={1: 0}).save(tmp_path)
+    with pytest.raises(ShardError, match=f"^{re.escape(str(tmp_path / shard_name(0)))}, sample 0: shard is truncated"):
+        ShardReader(tmp_path)[0]

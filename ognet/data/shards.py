@@ -30,6 +30,7 @@ import math
 import os
 import subprocess
 import tarfile
+import tokenize
 import urllib.request
 import zlib
 from dataclasses import dataclass
@@ -173,35 +174,40 @@ class ShardIndex:
         try:
             s = data["samples"]
             index = cls(
-                split=data["split"], shards=list(data["shards"]), colors=data.get("colors", "float32"),
+                split=data["split"], shards=[dict(shard) for shard in data["shards"]], colors=data.get("colors", "float32"),
                 pids=np.asarray(s["pid"], dtype=np.int64), camids=np.asarray(s["camid"], dtype=np.int64),
                 labels=np.asarray(s["label"], dtype=np.int64), paths=list(s["path"]),
                 shard_ids=np.asarray(s["shard"], dtype=np.int64),
                 locations=np.asarray(s["location"], dtype=np.int64).reshape(-1, 3),
-                label_map={int(k): int(v) for k, v in data["label_map"].items()},
+                label_map={int(k): int(v) for k, v in dict(data["label_map"]).items()},
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:  # OverflowError: a number beyond int64
             raise ShardError(f"{source}: malformed index ({type(e).__name__}: {e})") from e
         index._check(source, data.get("num_samples"))
         return index
 
     def _check(self, source: str, num_samples: int | None) -> None:
+        if any(a.ndim != 1 for a in (self.pids, self.camids, self.labels, self.shard_ids)):
+            raise ShardError(f"{source}: per-sample pid, camid, label and shard must be lists of integers")
         n = len(self.pids)
         lengths = {len(self.camids), len(self.labels), len(self.paths), len(self.shard_ids), len(self.locations)}
         if lengths != {n} or (num_samples is not None and num_samples != n):
             raise ShardError(f"{source}: per-sample arrays disagree in length ({sorted(lengths | {n})}, num_samples {num_samples})")
-        counts = np.bincount(self.shard_ids, minlength=len(self.shards)) if n else np.zeros(len(self.shards), int)
-        for i, shard in enumerate(self.shards):
-            name = shard.get("name", "")
-            if not _is_plain_name(name):
+        for shard in self.shards:
+            name, size = shard.get("name"), shard.get("bytes")
+            if not isinstance(name, str) or not _is_plain_name(name):
                 raise ShardError(f"{source}: shard name {name!r} is not a plain file name")
-            if len(counts) > len(self.shards) or counts[i] != shard.get("num_samples"):
-                raise ShardError(f"{source}: shard {name} lists {shard.get('num_samples')} samples, the sample table {counts[i]}")
+            if not isinstance(size, int) or not 0 <= size < 2**63:
+                raise ShardError(f"{source}: shard {name} has byte size {size!r}, expected a whole number")
+        # before bincount: a huge shard number would make it allocate that many counters
         if n and (self.shard_ids.min() < 0 or self.shard_ids.max() >= len(self.shards)):
             raise ShardError(f"{source}: a sample refers to a shard that is not listed")
-        sizes = np.asarray([s["bytes"] for s in self.shards])
-        if n and ((self.locations[:, 0] < 0) | (self.locations[:, 1] <= 0)
-                  | (self.locations[:, 0] + self.locations[:, 1] > sizes[self.shard_ids])).any():
+        for shard, count in zip(self.shards, np.bincount(self.shard_ids, minlength=len(self.shards)).tolist()):
+            if count != shard.get("num_samples"):
+                raise ShardError(f"{source}: shard {shard['name']} lists {shard.get('num_samples')!r} samples, the sample table {count}")
+        sizes = np.asarray([s["bytes"] for s in self.shards], dtype=np.int64)[self.shard_ids]
+        offsets, lengths = self.locations[:, 0], self.locations[:, 1]
+        if ((offsets < 0) | (lengths <= 0) | (offsets > sizes - lengths)).any():  # not offset + length: it can wrap
             raise ShardError(f"{source}: a sample location lies outside its shard")
 
 
@@ -279,10 +285,11 @@ class ShardReader:
         offset, length, crc = (int(v) for v in self.index.locations[i])
         where = f"{join_location(self.location, self.index.shards[shard]['name'])}, sample {i}"
         f = self._open(shard)
+        size = os.fstat(f.fileno()).st_size  # checked first: read() allocates the length it is asked for
+        if offset + length > size:
+            raise ShardError(f"{where}: shard is truncated ({max(size - offset, 0)} of {length} bytes at offset {offset})")
         f.seek(offset)
         data = f.read(length)
-        if len(data) != length:
-            raise ShardError(f"{where}: shard is truncated ({len(data)} of {length} bytes at offset {offset})")
         if zlib.crc32(data) != crc:
             raise ShardError(f"{where}: checksum mismatch, the shard is corrupt")
         members = dict(read_tar_members(data, where))
@@ -352,8 +359,8 @@ def read_tar_members(data: bytes, where: str) -> Iterator[tuple[str, bytes]]:
             raise ShardError(f"{where}: member {name!r} is not a regular file")
         if header[345:346] != b"\0" or not _is_plain_name(name):  # a ustar name prefix makes it a path
             raise ShardError(f"{where}: member name {name!r} is not a plain file name")
-        if size > MAX_MEMBER_BYTES:
-            raise ShardError(f"{where}: member {name!r} declares {size} bytes, over the limit")
+        if not 0 <= size <= MAX_MEMBER_BYTES:  # int() reads a negative size too
+            raise ShardError(f"{where}: member {name!r} declares {size} bytes, outside 0..{MAX_MEMBER_BYTES}")
         start = pos + TAR_BLOCK
         if start + size > len(data):
             raise ShardError(f"{where}: member {name!r} is truncated")
@@ -373,7 +380,7 @@ def decode_sample(members: dict[str, bytes], key: str, where: str) -> Sample:
         meta = json.loads(fields["json"])
         xyz = read_npy(fields["xyz.npy"])
         rgb = read_npy(fields["rgb.npy"])
-    except (ValueError, UnicodeDecodeError, EOFError) as e:
+    except (ValueError, UnicodeDecodeError, EOFError, RecursionError) as e:  # RecursionError: deeply nested JSON
         raise ShardError(f"{where}: cannot decode sample ({e})") from e
     return make_sample(meta, xyz, rgb, where)
 
@@ -388,7 +395,10 @@ def read_npy(data: bytes) -> np.ndarray:
         raise ValueError("not an .npy payload")
     end = 10 + int.from_bytes(data[8:10], "little") if data[6] == 1 else 12 + int.from_bytes(data[8:12], "little")
     dtype, shape, fortran = _npy_header(bytes(data[:end]))
-    array = np.frombuffer(data, dtype, count=math.prod(shape), offset=end)
+    count = math.prod(shape)
+    if count * dtype.itemsize > len(data) - end:  # also keeps a huge declared shape from reaching numpy
+        raise ValueError(f".npy header declares {shape} {dtype}, more than the {max(len(data) - end, 0)} bytes of data")
+    array = np.frombuffer(data, dtype, count=count, offset=end)
     return array.reshape(shape, order="F" if fortran else "C").copy()
 
 
@@ -399,9 +409,14 @@ def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool]:
     if version not in ((1, 0), (2, 0)):
         raise ValueError(f".npy format version {version} is not supported")
     read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read_header(f)
+    try:
+        shape, fortran, dtype = read_header(f)
+    except (SyntaxError, TypeError, tokenize.TokenError) as e:  # numpy lets these through from a garbled header
+        raise ValueError(f"unreadable .npy header ({type(e).__name__}: {e})") from e
     if dtype.hasobject:
         raise ValueError("object arrays (pickles) are not allowed")
+    if dtype.itemsize == 0 or min(shape, default=0) < 0:
+        raise ValueError(f".npy header declares an impossible array: shape {shape}, dtype {dtype}")
     return dtype, shape, fortran
 
 
@@ -412,7 +427,7 @@ def make_sample(meta: dict, xyz: np.ndarray, rgb: np.ndarray, where: str) -> Sam
         raise ShardError(f"{where}: arrays have unexpected shapes/dtypes xyz {xyz.dtype}{xyz.shape}, rgb {rgb.dtype}{rgb.shape}")
     try:
         return Sample(int(meta["index"]), xyz, rgb, int(meta["pid"]), int(meta["camid"]), int(meta["label"]), str(meta["path"]))
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:  # OverflowError: int(Infinity)
         raise ShardError(f"{where}: sample metadata is malformed ({e})") from e
 
 
