@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -262,3 +264,88 @@ def test_validate_points_names_the_source():
 
 def test_every_supported_suffix_is_listed():
     assert set(POINT_SUFFIXES) == {".obj", ".ply", ".pcd", ".npy", ".npz"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Found by tests/test_fuzz.py: each raised something other than a DataError, or took all memory
+
+
+def npy_header_only(shape: tuple[int, ...]) -> bytes:
+    """An .npy header declaring float64 `shape`, followed by 64 bytes of data."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f8", "fortran_order": False, "shape": shape})
+    return buf.getvalue() + bytes(64)
+
+
+def zip_bytes(members: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=compression) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+def with_zip_flag(data: bytes, bit: int) -> bytes:
+    """Set a general-purpose flag bit in the local and the central header of a one-member zip."""
+    data = bytearray(data)
+    for magic, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        data[data.index(magic) + offset] |= bit
+    return bytes(data)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+FUZZ_FINDS = {
+    # name (what it raised before): (file name, content, expected message fragment)
+    "npz 0-d colours (TypeError)": (
+        "p.npz", zip_bytes({"xyz.npy": npy_bytes(np.zeros((2, 3))), "rgb.npy": npy_bytes(np.float32(1))}),
+        "colours have shape () but coordinates (2, 3)"),
+    "npz member not an array (AttributeError)": ("p.npz", zip_bytes({"points": b"hello"}), "not an .npy payload"),
+    "npy declaring 44 TiB (MemoryError)": ("p.npy", npy_header_only((10**12, 6)), "more than the 64 bytes of data"),
+    "npz member declaring 44 TiB (MemoryError)": (
+        "p.npz", zip_bytes({"points.npy": npy_header_only((10**12, 6))}), "more than the 64 bytes of data"),
+    "npz bzip2 member (decompressed without bound)": (
+        "p.npz", zip_bytes({"points.npy": npy_bytes(np.zeros((2, 6)))}, zipfile.ZIP_BZIP2), "compressed with method 12"),
+    "npz with zip strong encryption (NotImplementedError)": (
+        "p.npz", with_zip_flag(zip_bytes({"points.npy": npy_bytes(np.zeros((2, 6)))}), 0x40), "NotImplementedError"),
+}
+
+
+@pytest.mark.parametrize("case", list(FUZZ_FINDS))
+def test_fuzz_finds_are_clear_errors(tmp_path, case):
+    name, data, message = FUZZ_FINDS[case]
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(DataError, match=f"^{re.escape(str(tmp_path / name))}: .*{re.escape(message)}"):
+        read_points(tmp_path / name)
+
+
+OPEN3D_HEADER_EDITS = [
+    # (suffix, ascii, compressed, header text, edited text, expected message): before, open3d ...
+    (".ply", False, False, b"element vertex 12\n", b"element vertex 1000000000\n", "header declares 1000000000 points"),  # OOM kill
+    (".ply", True, False, b"element vertex 12\n", b"element vertex 100000000\n", "header declares 100000000 points"),  # 4.7 GB
+    (".ply", False, False, b"element vertex 12\n", b"element vertex 13\n", "header declares 13 points"),  # a zero point
+    (".pcd", True, False, b"POINTS 12\n", b"POINTS 100000000\n", "header declares 100000000 points"),  # 4.7 GB
+    (".pcd", False, True, b"POINTS 12\n", b"POINTS 1000000\n", "binary_compressed block of"),  # segmentation fault
+    (".pcd", False, False, b"SIZE 4 4 4 4\n", b"SIZE 4 4 4 -4\n", "not a readable .pcd file"),  # reads before its buffer
+    (".pcd", True, False, b"WIDTH 12\n", b"", "not a readable .pcd file"),  # HEIGHT times an unset WIDTH
+]
+
+
+@pytest.mark.parametrize("suffix,ascii,compressed,old,new,message", OPEN3D_HEADER_EDITS)
+def test_open3d_headers_are_checked_against_the_file(tmp_path, suffix, ascii, compressed, old, new, message):
+    o3d = pytest.importorskip("open3d", reason="open3d is not installed")
+    xyz, rgb = cloud(12)
+    pc = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(xyz.astype(np.float64)))
+    pc.colors = o3d.utility.Vector3dVector(rgb.astype(np.float64))
+    path = tmp_path / f"p{suffix}"
+    assert o3d.io.write_point_cloud(str(path), pc, write_ascii=ascii, compressed=compressed)
+    assert len(read_points(path).xyz) == 12  # unedited, every kind reads (binary_compressed too)
+    data = path.read_bytes()
+    assert old in data
+    path.write_bytes(data.replace(old, new, 1))
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}: .*{re.escape(message)}"):
+        read_points(path)

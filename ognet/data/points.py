@@ -6,12 +6,16 @@ order, and every malformation is a `DataError` that names the file.
 `.obj` files are parsed here rather than by open3d: the 3DMarket+bg files of the original carry
 one face line only (a file-size hack), and open3d 0.20 (checked) keeps only the vertices that faces use,
 so it returns 3 points out of 8192. open3d 0.9, which the original used, kept every vertex in file
-order; this parser returns exactly that. open3d reads `.ply` and `.pcd`.
+order; this parser returns exactly that. open3d reads `.ply` and `.pcd`, once their header has
+been checked here against the file's size (`_check_open3d_header` says why). `.npy`/`.npz` go through
+the shard reader's `read_npy`, which allocates nothing beyond the bytes a file holds.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import struct
 import zipfile
 import zlib
 from pathlib import Path
@@ -19,11 +23,16 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ognet.data.shards import read_npy
 from ognet.errors import DataError
 from ognet.io import atomic_write
 
 POINT_SUFFIXES = (".obj", ".ply", ".pcd", ".npy", ".npz")
 MAX_FILE_BYTES = 512 * 2**20  # a person is ~0.5 MB of text; anything this large is not a person
+HEADER_BYTES = 2**16  # .ply/.pcd headers are a few hundred bytes
+_PLY_TYPE_BYTES = {b"char": 1, b"uchar": 1, b"int8": 1, b"uint8": 1, b"short": 2, b"ushort": 2, b"int16": 2,
+                   b"uint16": 2, b"int": 4, b"uint": 4, b"int32": 4, b"uint32": 4, b"float": 4, b"float32": 4,
+                   b"double": 8, b"float64": 8}
 
 
 class PointCloud(NamedTuple):
@@ -47,9 +56,9 @@ def read_points(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> Poi
         if suffix == ".obj":
             xyz, rgb = _parse_obj(path.read_bytes(), path)
         elif suffix in (".ply", ".pcd"):
-            xyz, rgb = _read_open3d(path)
+            xyz, rgb = _read_open3d(path, size)
         else:
-            xyz, rgb = _read_numpy(path)
+            xyz, rgb = _read_numpy(path, max_bytes)
     except OSError as e:
         raise DataError(f"{path}: cannot read point file ({e.strerror or e})") from e
     return validate_points(xyz, rgb, path)
@@ -57,9 +66,9 @@ def read_points(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> Poi
 
 def validate_points(xyz: np.ndarray, rgb: np.ndarray | None, source: str | os.PathLike) -> PointCloud:
     """Check shapes and values; return float32 arrays. `source` names the file in errors."""
-    if rgb is None or len(rgb) == 0 and len(xyz) > 0:
-        raise DataError(f"{source}: points have no colours")
     xyz = np.asarray(xyz)
+    if rgb is None or np.size(rgb) == 0 and xyz.size > 0:  # np.size: a 0-d array has no len()
+        raise DataError(f"{source}: points have no colours")
     rgb = np.asarray(rgb)
     for name, values in (("coordinates", xyz), ("colours", rgb)):
         if values.dtype.kind not in "iuf":  # strings, complex numbers, booleans, records
@@ -104,9 +113,11 @@ def _parse_obj(data: bytes, path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     return values[:, :3], values[:, 3:]
 
 
-def _read_open3d(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+def _read_open3d(path: Path, size: int) -> tuple[np.ndarray, np.ndarray | None]:
     import open3d as o3d  # imported lazily: it costs ~1 s and only .ply/.pcd need it
 
+    with open(path, "rb") as f:
+        _check_open3d_header(f.read(HEADER_BYTES), size, path)
     cloud = o3d.io.read_point_cloud(str(path), format="auto", print_progress=False)
     xyz = np.asarray(cloud.points)
     if len(xyz) == 0:
@@ -114,24 +125,122 @@ def _read_open3d(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     return xyz, (np.asarray(cloud.colors) if cloud.has_colors() else None)
 
 
-def _read_numpy(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    # .npz members load lazily, so their errors (pickled members, bad zip data) come from the
-    # member accesses too; all of them are inside the try. Empty files give EOFError.
+def _check_open3d_header(head: bytes, size: int, path: Path) -> None:
+    """Refuse a .ply/.pcd whose header declares more points than the rest of the file can hold.
+
+    open3d 0.20 (checked) sizes its arrays from the header's count before reading a point, and
+    returns the points the data lacks as zeros: a 1 kB file declaring 10^9 points takes all memory.
+    Its PCD reader also trusts SIZE, COUNT and the binary_compressed block sizes, and reads past its
+    buffers (a segmentation fault) where they disagree. So the header is read here first, strictly:
+    whatever this reader is unsure of is refused, never passed on to open3d.
+    """
+    ply = path.suffix.lower() == ".ply"
+    ends = [[b"end_header"]] if ply else [[b"DATA", b"ascii"], [b"DATA", b"binary"], [b"DATA", b"binary_compressed"]]
+    lines, pos = [], 0
+    while not lines or lines[-1] not in ends:
+        end = head.find(b"\n", pos)
+        line = head[pos:end]
+        if end < 0 or len(line) > 1000 or not re.fullmatch(rb"[\x20-\x7e\t\r]*", line):
+            raise DataError(f"{path}: no points (not a readable {path.suffix} file: header line {len(lines) + 1})")
+        lines.append(line.split())
+        pos = end + 1
+    if ply:
+        points, needed = _ply_needs(lines, path)
+    else:
+        points, needed = _pcd_needs(lines, head[pos:pos + 8], size - pos, path)
+    if needed > size - pos:
+        raise DataError(f"{path}: header declares {points} points, more than the {size - pos} bytes after it hold")
+
+
+def _ply_needs(lines: list[list[bytes]], path: Path) -> tuple[int, int]:
+    """(vertices, fewest data bytes) of a PLY header: one element or property per line, as written."""
+    bad = DataError(f"{path}: no points (not a readable .ply file: unexpected header)")
+    formats = [words[1] for words in lines if words[:1] == [b"format"] and len(words) == 3]
+    if lines[0] != [b"ply"] or len(formats) != 1 or formats[0] not in (b"ascii", b"binary_little_endian", b"binary_big_endian"):
+        raise bad
+    ascii, elements = formats[0] == b"ascii", []  # [name, count, fewest bytes of one]
+    for words in lines:
+        if words[:1] == [b"element"]:
+            if len(words) != 3 or not words[2].isdigit():
+                raise bad
+            elements.append([words[1], int(words[2]), 0])
+        elif words[:1] == [b"property"]:
+            kind = words[2] if len(words) == 5 and words[1] == b"list" else words[1] if len(words) == 3 else None
+            if not elements or kind not in _PLY_TYPE_BYTES:  # a list takes its length's bytes at least
+                raise bad
+            elements[-1][2] += 2 if ascii else _PLY_TYPE_BYTES[kind]  # ascii: a digit and a space at least
+    vertices = sum(count for name, count, _ in elements if name == b"vertex")
+    needed = sum(count * item for _, count, item in elements)
+    return vertices, needed - 1 if ascii else needed  # the last number needs no space after it
+
+
+def _pcd_needs(lines: list[list[bytes]], block: bytes, data_bytes: int, path: Path) -> tuple[int, int]:
+    """(points, fewest data bytes) of a PCD header, read as open3d reads it, numbers strictly."""
+    bad = DataError(f"{path}: no points (not a readable .pcd file: unexpected header)")
+    fields, sizes, counts, width, points = 0, [], [], None, None
+    for words in lines[:-1]:
+        key = words[0] if words else b"#"
+        numbers = [int(w) if re.fullmatch(rb"[0-9]{1,9}", w) else -1 for w in words[1:]]
+        if key.startswith(b"#") or key in (b"VERSION", b"VIEWPOINT", b"TYPE"):  # open3d checks TYPE's length itself
+            continue
+        if key in (b"FIELDS", b"COLUMNS") and numbers:
+            fields, sizes, counts = len(numbers), [4] * len(numbers), [1] * len(numbers)
+        elif key == b"SIZE" and fields and len(numbers) == fields and set(numbers) <= {1, 2, 4, 8}:
+            sizes = numbers
+        elif key == b"COUNT" and fields and len(numbers) == fields and min(numbers) > 0:
+            counts = numbers
+        elif key in (b"WIDTH", b"POINTS") and len(numbers) == 1 and numbers[0] >= 0:
+            width, points = (numbers[0], points) if key == b"WIDTH" else (width, numbers[0])
+        elif key == b"HEIGHT" and len(numbers) == 1 and numbers[0] >= 0 and width is not None:
+            points = width * numbers[0]  # open3d: HEIGHT sets the count, a later POINTS line overrides it
+        else:
+            raise bad
+    point_bytes = sum(a * b for a, b in zip(sizes, counts))
+    if points is None or not fields or points * point_bytes >= 2**31:  # open3d counts in C ints
+        raise bad
+    data = lines[-1][1]
+    if data == b"ascii":
+        return points, points * 2 * sum(counts) - 1
+    if data == b"binary":
+        return points, points * point_bytes
+    compressed, uncompressed = struct.unpack("<II", block) if len(block) == 8 else (-1, -1)
+    if uncompressed != points * point_bytes or not 0 <= compressed <= data_bytes - 8:
+        raise DataError(f"{path}: binary_compressed block of {compressed} bytes ({uncompressed} uncompressed) "
+                        f"does not fit the header's {points} points of {point_bytes} bytes")
+    return points, points  # compressed, a point still takes a byte at least
+
+
+def _read_numpy(path: Path, max_bytes: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """`.npy` (N, 6) or `.npz` members through the shard reader's `read_npy`: no pickles, and no
+    allocation beyond the file's bytes (`np.load` allocates whatever shape a header declares)."""
     try:
-        loaded = np.load(path, allow_pickle=False)
-        if isinstance(loaded, np.lib.npyio.NpzFile):
-            with loaded:
-                keys = set(loaded.files)
-                if {"xyz", "rgb"} <= keys:
-                    return loaded["xyz"], loaded["rgb"]
-                if "points" in keys:
-                    return _split_columns(loaded["points"], path)
-                raise DataError(f"{path}: expected arrays 'xyz' and 'rgb' (or 'points' (N, 6)), found {sorted(keys)}")
+        if path.suffix.lower() == ".npy":
+            return _split_columns(read_npy(path.read_bytes()), path)
+        with zipfile.ZipFile(path) as z:
+            members = {info.filename.removesuffix(".npy"): info for info in z.infolist()}
+            if {"xyz", "rgb"} <= members.keys():
+                return _npz_member(z, members["xyz"], path, max_bytes), _npz_member(z, members["rgb"], path, max_bytes)
+            if "points" in members:
+                return _split_columns(_npz_member(z, members["points"], path, max_bytes), path)
+            raise DataError(f"{path}: expected arrays 'xyz' and 'rgb' (or 'points' (N, 6)), found {sorted(members)}")
     except DataError:
         raise
-    except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # pickled, truncated or foreign files
+    # pickled, truncated or foreign files; NotImplementedError: zip features numpy never writes
+    except (ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as e:
         raise DataError(f"{path}: not a plain numeric array file ({type(e).__name__}: {e})") from e
-    return _split_columns(loaded, path)
+
+
+def _npz_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path, max_bytes: int) -> np.ndarray:
+    """One member, decompressed no further than its declared size: a small .npz can hold a zip bomb.
+
+    numpy writes stored or deflated members; bzip2 and lzma would decompress without a bound.
+    """
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or info.flag_bits & 0x1:
+        raise DataError(f"{path}: member {info.filename!r} is encrypted or compressed with method {info.compress_type}")
+    if info.file_size > max_bytes:
+        raise DataError(f"{path}: member {info.filename!r} is {info.file_size} bytes, more than the limit of {max_bytes} bytes")
+    with z.open(info) as f:
+        return read_npy(f.read(info.file_size))
 
 
 def _split_columns(points: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray | None]:
