@@ -7,16 +7,23 @@ functions as distributed code. nccl on CUDA, gloo otherwise; CUDA is never requi
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import shutil
 import subprocess
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from ognet.errors import ConfigError
+from ognet.errors import ConfigError, OgnetError
+
+F = TypeVar("F", bound=Callable)
+_timeout_s: float | None = None  # of the process group this process joined
 
 
 @dataclass(frozen=True)
@@ -105,11 +112,59 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600) -> Dist
     if ranks is None:
         return DistInfo(0, 0, 1, device, None, True)
     if not dist.is_initialized():
+        _warn_about_shared_store_restarts(rank)
         dist.init_process_group(
             backend, init_method="env://", rank=rank, world_size=world_size,
             timeout=timedelta(seconds=timeout_s), device_id=device if backend == "nccl" else None,
         )
+    global _timeout_s
+    _timeout_s = timeout_s
     return DistInfo(rank, local_rank, world_size, device, backend, rank == 0)
+
+
+def _warn_about_shared_store_restarts(rank: int) -> None:
+    """torchrun restarts (--max-restarts) keep the agent's TCPStore, and the new workers' process
+    group reads the keys the dead ones left there: gloo then connects to addresses of processes
+    that no longer exist ("Connection refused"). A store per restart avoids it."""
+    restarts = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")
+    if (rank == 0 and restarts.isdigit() and int(restarts) > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"):
+        warnings.warn("torchrun --max-restarts with the agent's shared TCPStore: a restarted group may fail to "
+                      "connect; export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun (slurm/ does)", stacklevel=3)
+
+
+class CollectiveError(OgnetError):
+    """A collective failed or timed out: another rank crashed, hangs or was stopped."""
+
+
+_PEER_FAILURES = ("timed out", "timeout", "connection", "pair closure", "closed by peer", "nccl", "gloo")
+
+
+@contextlib.contextmanager
+def collective(name: str) -> Iterator[None]:
+    """Name the collective `name` in the error when it fails because a peer stopped answering:
+    gloo's own message only says which socket operation timed out."""
+    try:
+        yield
+    except CollectiveError:
+        raise
+    except RuntimeError as e:  # gloo raises RuntimeError, nccl DistBackendError (a RuntimeError)
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not _active() or not (isinstance(e, dist.DistError) or any(s in message.lower() for s in _PEER_FAILURES)):
+            raise
+        timeout = f"timeout {_timeout_s:g} s, train.collective_timeout_s" if _timeout_s else "the group's timeout"
+        raise CollectiveError(f"rank {dist.get_rank()} of {dist.get_world_size()}: {name} failed ({timeout}): "
+                              f"another rank crashed, hangs or was stopped ({message})") from e
+
+
+def _named(fn: F) -> F:
+    """A helper whose failures name it (see `collective`)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with collective(fn.__name__):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def cleanup() -> None:
@@ -122,11 +177,13 @@ def _active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+@_named
 def barrier() -> None:
     if _active():
         dist.barrier()
 
 
+@_named
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of `x` over ranks (a new tensor, no gradient): for values that are reported, not trained."""
     x = x.detach().clone()
@@ -136,6 +193,7 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+@_named
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     """Make every rank's buffers (BatchNorm statistics) equal to rank `src`'s."""
     if _active():
@@ -143,6 +201,7 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
             dist.broadcast(buffer.data, src=src)
 
 
+@_named
 def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
     """Element-wise maximum over ranks (a new tensor): flags that any rank raised."""
     x = x.detach().clone()
@@ -151,6 +210,7 @@ def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+@_named
 def all_gather(x: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's `x` along dim 0 in rank order (no gradient); shapes must be equal."""
     if not _active():
@@ -194,6 +254,7 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _AllGatherWithGrad.apply(x)
 
 
+@_named
 def all_gather_uneven(x: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's `x` along dim 0 in rank order when the lengths differ (no gradient).
 

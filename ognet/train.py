@@ -50,7 +50,7 @@ class Progress:
 
 
 class NonFiniteLossError(OgnetError):
-    pass
+    """A non-finite loss or gradient under train.nonfinite=stop."""
 
 
 class Preempted(Exception):
@@ -120,8 +120,11 @@ class DDPEngine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def backward_and_step(self, loss: torch.Tensor) -> float:
-        """One optimizer step; returns the gradient norm (of the unscaled gradients)."""
+    def backward_and_step(self, loss: torch.Tensor) -> tuple[float, bool]:
+        """Backward, then one optimizer step unless the gradients are not finite (the same decision
+        on every rank: DDP has averaged them). Returns the norm of the unscaled gradients and
+        whether the step was taken; fp16's grad scaler skips overflowing steps itself, as it must
+        to search for its scale, so those count as taken."""
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -129,11 +132,14 @@ class DDPEngine:
             norm = grad_norm(self.optimizer)
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
-            loss.backward()
-            norm = grad_norm(self.optimizer)
-            self.optimizer.step()
-        return norm
+            return norm, True
+        loss.backward()
+        norm = grad_norm(self.optimizer)
+        if not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return norm, False
+        self.optimizer.step()
+        return norm, True
 
     def save(self, folder: Path, tag: str) -> dict[str, Any]:
         """Optimizer state, to be stored in the main rank's checkpoint."""
@@ -165,11 +171,13 @@ class DeepSpeedEngine(DDPEngine):
     def autocast(self):
         return torch.autocast(self.device.type, enabled=False)  # DeepSpeed casts the module itself
 
-    def backward_and_step(self, loss: torch.Tensor) -> float:
+    def backward_and_step(self, loss: torch.Tensor) -> tuple[float, bool]:
+        """Always steps: the gradients live in DeepSpeed's partitions until `step()` (the loss is
+        checked before; non-finite weights after a bad step show in the next loss)."""
         self.model.backward(loss)
         self.model.step()
         norm = self.model.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return (float(norm) if norm is not None else float("nan")), True
 
     def save(self, folder: Path, tag: str) -> dict[str, Any]:
         self.model.save_checkpoint(str(folder / "deepspeed"), tag=tag)
@@ -359,21 +367,31 @@ def _train(config: Config, info: dist.DistInfo, run_dir: Path, ckpt_dir: Path, m
             engine.set_lr(lr)
             torch.manual_seed(step_seed(t.seed, epoch, progress.step, info.rank))
             xyz, rgb, labels = (x.to(info.device, non_blocking=True) for x in (xyz, rgb, labels))
-            with engine.autocast():
+            statistics = [b.detach().clone() for b in model.buffers()]  # BatchNorm's, restored if the step is not taken
+            with engine.autocast(), dist.collective("forward (DDP buffer broadcast)"):
                 out = engine.model(xyz, rgb)
             feature = out.circle_feature if config.loss.feature == "dropout" else out.feature
             terms = loss_fn(out.logits.float(), labels, feature.float())
             factor = warmup.factor(progress.global_step, epoch)
-            nonfinite = dist.all_reduce_max(torch.tensor([float(not torch.isfinite(terms.loss))], device=info.device)).item()
+            nonfinite = "loss" if dist.all_reduce_max(torch.tensor([float(not torch.isfinite(terms.loss))],
+                                                                   device=info.device)).item() else None
             if not nonfinite:
-                norm = engine.backward_and_step(terms.loss * factor)
-            elif t.nonfinite == "skip":
+                with dist.collective("backward (gradient all-reduce)"):
+                    norm, stepped = engine.backward_and_step(terms.loss * factor)
+                nonfinite = None if stepped else "gradient"
+            if nonfinite:
+                with torch.no_grad():
+                    for buffer, saved in zip(model.buffers(), statistics):
+                        buffer.copy_(saved)
+                where = f"epoch {epoch} step {progress.step + 1}/{steps_per_epoch} (global step {progress.global_step + 1})"
+                if t.nonfinite == "stop":
+                    if all(torch.isfinite(p).all() for p in model.parameters()):
+                        checkpoint()  # the state before this step: change the config, then resume from it
+                    raise NonFiniteLossError(f"non-finite {nonfinite} at {where}, stopped (train.nonfinite=stop); "
+                                             f"the last good state is {latest_checkpoint(ckpt_dir)}")
                 progress.skipped_steps += 1
-                monitor.log(f"non-finite loss at epoch {epoch} step {progress.step}: step skipped "
-                            f"({progress.skipped_steps} so far)")
-            else:
-                raise NonFiniteLossError(f"non-finite loss at epoch {epoch} step {progress.step} (global step "
-                                         f"{progress.global_step}); the last good state is in {latest_checkpoint(ckpt_dir)}")
+                monitor.log(f"non-finite {nonfinite} at {where}: step skipped ({progress.skipped_steps} so far, "
+                            f"train.nonfinite=skip)")
             progress.step += 1
             progress.global_step += 1
             seen += len(labels) * info.world_size
