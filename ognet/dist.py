@@ -129,7 +129,7 @@ def _warn_about_shared_store_restarts(rank: int) -> None:
     restarts = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")
     if (rank == 0 and restarts.isdigit() and int(restarts) > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"):
         warnings.warn("torchrun --max-restarts with the agent's shared TCPStore: a restarted group may fail to "
-                      "connect; export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun (slurm/ does)", stacklevel=3)
+                      "connect; export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun", stacklevel=3)
 
 
 class CollectiveError(OgnetError):

@@ -35,7 +35,7 @@ from ognet.errors import ShardError
 from ognet.io import atomic_write
 from ognet.metrics import PerQueryResult, format_result_line, rank_queries, reduce_results
 from ognet.model import build_model
-from ognet.monitor import Monitor, render_rank_list
+from ognet.monitor import Monitor, enable_stack_dumps, render_rank_list
 
 
 def rank_slice(n: int, info: dist.DistInfo) -> np.ndarray:
@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", required=True, help="ognet checkpoint (model_last.pt, step-*.pt, or imported)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. run_dir=runs/eval data.root=/data/duke")
     args = parser.parse_args(argv)
+    enable_stack_dumps()
     try:
         evaluate_checkpoint(load_config(args.config, args.overrides), args.checkpoint)
     except OgnetError as e:

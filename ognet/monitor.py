@@ -6,11 +6,24 @@ test the rank themselves.
 
 from __future__ import annotations
 
+import faulthandler
+import signal
 import time
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
+
+
+STACK_DUMP_SIGNAL = signal.SIGUSR2
+
+
+def enable_stack_dumps() -> None:
+    """SIGUSR2 prints every thread's Python stack to stderr and the process goes on (DataLoader
+    workers, forked later, too): where a run that stopped making progress waits. `kill -USR2 PID`,
+    or every rank of a torchrun: `pkill -USR2 -f -- "-u .*launch/train.py"` (not torchrun itself,
+    which USR2 would end)."""
+    faulthandler.register(STACK_DUMP_SIGNAL, all_threads=True)
 
 
 class Monitor:

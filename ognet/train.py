@@ -33,7 +33,7 @@ from ognet.data.transforms import TransformConfig
 from ognet.errors import ConfigError, OgnetError
 from ognet.losses import LossWarmup, ReidLoss
 from ognet.model import build_model
-from ognet.monitor import Monitor
+from ognet.monitor import Monitor, enable_stack_dumps
 
 PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
@@ -464,6 +464,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", help="YAML config (configs/...); defaults apply where it is silent")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=10 data.root=/data/market")
     args = parser.parse_args(argv)
+    enable_stack_dumps()
     try:
         config = load_config(args.config, args.overrides)
         record(train)(config)

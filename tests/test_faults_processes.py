@@ -126,6 +126,8 @@ def test_a_stopped_rank_makes_the_others_fail_naming_the_collective(tiny_shards,
     stopped = None
     try:
         run.wait_for("epoch 0 step 2/3", timeout=180)
+        os.kill(rank_pids(run.proc.pid)[0], signal.SIGUSR2)  # where is it? (ognet.monitor.enable_stack_dumps)
+        run.wait_for("(most recent call first)", timeout=30)
         stopped = rank_pids(run.proc.pid)[1]
         os.kill(stopped, signal.SIGSTOP)  # alive, holds its sockets, answers nothing
         start = time.monotonic()

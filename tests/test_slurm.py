@@ -125,8 +125,11 @@ def wait_until_ended(env: dict, job_id: str, log: Path, timeout: float) -> dict[
     deadline = time.monotonic() + timeout
     while (state := job(env, job_id))["JobState"] not in ENDED:
         if time.monotonic() > deadline:
+            # Every thread's stack into the job's log (ognet.monitor.enable_stack_dumps): where it hangs.
+            subprocess.run(["pkill", "-USR2", "-f", "--", r"-u .*launch/(train|evaluate)\.py"], timeout=30)
+            time.sleep(3)
             subprocess.run(["scancel", job_id], env=env, timeout=30)
-            raise AssertionError(f"job {job_id} not done after {timeout} s ({state})\n{read(log)[-6000:]}")
+            raise AssertionError(f"job {job_id} not done after {timeout} s ({state})\n{read(log)[-30000:]}")
         time.sleep(0.5)
     return state
 
