@@ -186,3 +186,16 @@ def test_two_nodes_c10d_rendezvous_train_together(tiny_shards, tmp_path):
         outputs.append(stdout)
     assert sum("on 2 x cpu (ddp, fp32)" in out for out in outputs) == 1  # printed by the global rank 0 only
     assert (tmp_path / "run" / "model_last.pt").exists()
+
+
+@pytest.mark.slow
+def test_impossible_sampling_fails_on_every_rank_before_training(tiny_shards, tmp_path):
+    """P x K with P = 12 / 4 = 3 identities per global batch cannot split into whole identities on 2 ranks."""
+    run_dir = tmp_path / "run"
+    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", TRAIN,
+           *train_args(tiny_shards, run_dir, "sampler.mode=pk", "sampler.k=4", "train.global_batch_size=12")]
+    proc = __import__("subprocess").run(cmd, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("ognet-train: error:")]
+    assert len(errors) == 2 and all("whole identities" in e for e in errors), proc.stderr[-3000:]
+    assert not (run_dir / "checkpoints").exists() and "epoch 0 step" not in proc.stdout
