@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import faulthandler
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +24,8 @@ def enable_stack_dumps() -> None:
     workers, forked later, too): where a run that stopped making progress waits. `kill -USR2 PID`,
     or every rank of a torchrun: `pkill -USR2 -f -- "-u .*launch/train.py"` (not torchrun itself,
     which USR2 would end)."""
-    faulthandler.register(STACK_DUMP_SIGNAL, all_threads=True)
+    if sys.__stderr__ is not None:  # the process's own stderr, also where sys.stderr is replaced (pytest)
+        faulthandler.register(STACK_DUMP_SIGNAL, file=sys.__stderr__, all_threads=True)
 
 
 class Monitor:

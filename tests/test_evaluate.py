@@ -379,7 +379,14 @@ def test_unreadable_or_unsafe_checkpoints_are_clear_errors(checkpoint, tiny_shar
     save_checkpoint(wrong, {"model": load_checkpoint(checkpoint)["model"],
                             "model_config": {**MODEL_CONFIG, "variant": "ognet"}})
     message = eval_error(capsys, "--checkpoint", str(wrong), *common)
-    assert f"{wrong}: checkpoint does not fit the model" in message
+    assert f"{wrong}: checkpoint does not fit the model: " in message and "bn.1.weight: checkpoint (96,) vs model (128,)" in message
+
+    classes = tmp_path / "wrong-classes.pt"  # weights for 8 identities, config says 9
+    save_checkpoint(classes, {"model": load_checkpoint(checkpoint)["model"],
+                              "model_config": {**MODEL_CONFIG, "num_classes": 9}})
+    message = eval_error(capsys, "--checkpoint", str(classes), *common)
+    assert f"{classes}: checkpoint does not fit the model: shape mismatches [" in message
+    assert "proj_output.weight: checkpoint (8, 512) vs model (9, 512)" in message
 
 
 def test_data_root_without_query_split_names_the_path(checkpoint, tiny_shards, tmp_path, capsys):
