@@ -7,6 +7,7 @@ error within a bounded time, never hangs, and never loses the last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from data_fixtures import tiny_shards  # noqa: F401  (fixture)
 from dist_scripts.procs import TORCHRUN, clean_env
@@ -36,15 +38,10 @@ def torchrun_cmd(shards: Path, run_dir: Path, *extra: str, restarts: int = 0) ->
 def rank_pids(launcher: int) -> dict[int, int]:
     """{rank: pid} of the training processes a torchrun process started."""
     pids = {}
-    for task in Path(f"/proc/{launcher}/task").iterdir():
-        for pid in (task / "children").read_text().split():
-            try:
-                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            except OSError:  # already gone
-                continue
-            for var in env:
-                if var.startswith(b"RANK="):
-                    pids[int(var[5:])] = int(pid)
+    for child in psutil.Process(launcher).children():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if "RANK" in (env := child.environ()):
+                pids[int(env["RANK"])] = child.pid
     return pids
 
 
@@ -82,16 +79,10 @@ class Run:
 
     def kill(self) -> None:
         for pid in rank_pids(self.proc.pid).values():
-            with_suppressed(os.kill, pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.proc.kill()
         self.proc.communicate()
-
-
-def with_suppressed(fn, *args) -> None:
-    try:
-        fn(*args)
-    except ProcessLookupError:
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +128,8 @@ def test_a_stopped_rank_makes_the_others_fail_naming_the_collective(tiny_shards,
         assert run.finish(timeout=120) != 0
     finally:
         if stopped is not None:
-            with_suppressed(os.kill, stopped, signal.SIGCONT)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stopped, signal.SIGCONT)
         if run.proc.poll() is None:
             run.kill()
     error = next(line for line in run.lines if "ognet-train: error:" in line)
