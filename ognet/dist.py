@@ -127,7 +127,7 @@ def _warn_about_shared_store_restarts(rank: int) -> None:
     group reads the keys the dead ones left there: gloo then connects to addresses of processes
     that no longer exist ("Connection refused"). A store per restart avoids it."""
     restarts = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")
-    if (rank == 0 and restarts.isdigit() and int(restarts) > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"):
+    if rank == 0 and restarts.isdigit() and int(restarts) > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         warnings.warn("torchrun --max-restarts with the agent's shared TCPStore: a restarted group may fail to "
                       "connect; export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun", stacklevel=3)
 
