@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -46,35 +48,43 @@ def rank_pids(launcher: int) -> dict[int, int]:
 
 
 class Run:
-    """A torchrun started in the background whose output is read line by line as it comes."""
+    """A torchrun started in the background; a thread collects its output line by line, so that
+    waiting for a line is bounded even when the run falls silent."""
 
     def __init__(self, cmd: list[str], env: dict[str, str] = TORCHRUN_ENV):
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
+        self._incoming: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self._incoming.put(line)
+        self._incoming.put(None)  # end of output
 
     @property
     def output(self) -> str:
         return "".join(self.lines)
 
     def wait_for(self, text: str, timeout: float) -> float:
-        """Read output until a line holds `text`; returns the time it appeared."""
+        """Collect output until a line holds `text`; returns the time it appeared."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line and self.proc.poll() is not None:
-                break
-            self.lines.append(line)
-            if text in line:
-                return time.monotonic()
+        with contextlib.suppress(queue.Empty):
+            while (line := self._incoming.get(timeout=max(deadline - time.monotonic(), 0))) is not None:
+                self.lines.append(line)
+                if text in line:
+                    return time.monotonic()
         raise AssertionError(f"never printed {text!r} within {timeout} s\n{self.output[-6000:]}")
 
     def finish(self, timeout: float) -> int:
         try:
-            rest, _ = self.proc.communicate(timeout=timeout)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill()
             raise AssertionError(f"still running after {timeout} s\n{self.output[-6000:]}") from None
-        self.lines.append(rest)
+        with contextlib.suppress(queue.Empty):
+            while (line := self._incoming.get(timeout=30)) is not None:
+                self.lines.append(line)
         return self.proc.returncode
 
     def kill(self) -> None:
@@ -82,7 +92,7 @@ class Run:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.proc.kill()
-        self.proc.communicate()
+        self.proc.wait()
 
 
 @pytest.fixture(scope="module")
