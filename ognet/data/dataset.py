@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from ognet.data.sampler import StratifiedSampler
-from ognet.data.shards import Sample, ShardReader
+from ognet.data.shards import ShardReader
 from ognet.data.transforms import TransformConfig, transform
 from ognet.errors import DataError, ShardError
 
@@ -35,17 +35,6 @@ def _check_bad_samples(bad_samples: str) -> str:
     if bad_samples not in BAD_SAMPLES:
         raise ValueError(f"bad_samples must be one of {BAD_SAMPLES}, got {bad_samples!r}")
     return bad_samples
-
-
-def read_sample(reader: ShardReader, index: int) -> Sample:
-    """`reader[index]`, naming the sample in every error: the reader reports a shard that cannot be
-    opened or fetched at all by its file alone."""
-    try:
-        return reader[index]
-    except ShardError as e:
-        if f", sample {index}:" in str(e):
-            raise
-        raise ShardError(f"sample {index}: {e}") from e
 
 
 class TrainSet(Dataset):
@@ -73,7 +62,7 @@ class TrainSet(Dataset):
             return *self._replacement(epoch, position, index, e), 1
 
     def _load(self, epoch: int, position: int, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        sample = read_sample(self.reader, index)
+        sample = self.reader[index]
         rng = np.random.default_rng([self.seed, epoch, position, index])
         xyz, rgb = transform(sample.xyz, sample.rgb, self.config, rng)
         return torch.from_numpy(xyz), torch.from_numpy(rgb), sample.label
@@ -111,7 +100,7 @@ class EvalSet(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
         try:
-            sample = read_sample(self.reader, index)
+            sample = self.reader[index]
             xyz, rgb = transform(sample.xyz, sample.rgb, self.config, None)
         except (ShardError, DataError) as e:
             if self.bad_samples == "error":

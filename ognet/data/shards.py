@@ -284,7 +284,10 @@ class ShardReader:
         shard = int(self.index.shard_ids[i])
         offset, length, crc = (int(v) for v in self.index.locations[i])
         where = f"{join_location(self.location, self.index.shards[shard]['name'])}, sample {i}"
-        f = self._open(shard)
+        try:
+            f = self._open(shard)
+        except ShardError as e:  # a shard that cannot be opened or fetched: name the sample too
+            raise ShardError(f"sample {i}: {e}") from e
         size = os.fstat(f.fileno()).st_size  # checked first: read() allocates the length it is asked for
         if offset + length > size:
             raise ShardError(f"{where}: shard is truncated ({max(size - offset, 0)} of {length} bytes at offset {offset})")
