@@ -184,13 +184,17 @@ def barrier() -> None:
 
 
 @_named
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean of `x` over ranks (a new tensor, no gradient): for values that are reported, not trained."""
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of `x` over ranks (a new tensor, no gradient): counts and values that are reported."""
     x = x.detach().clone()
     if _active():
         dist.all_reduce(x)
-        x /= dist.get_world_size()
     return x
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of `x` over ranks (a new tensor, no gradient): for values that are reported, not trained."""
+    return all_reduce_sum(x) / (dist.get_world_size() if _active() else 1)
 
 
 @_named

@@ -358,7 +358,7 @@ def _train(config: Config, info: dist.DistInfo, run_dir: Path, ckpt_dir: Path, m
                 monitor.log(f"preemption signal: checkpoint written at global step {progress.global_step}; exiting")
                 raise Preempted(str(latest_checkpoint(ckpt_dir)))
             if replaced:
-                bad = round(dist.all_reduce_mean(replaced[0].sum().double().to(info.device)).item() * info.world_size)
+                bad = int(dist.all_reduce_sum(replaced[0].sum().to(info.device)).item())
                 if bad:
                     progress.bad_samples += bad
                     monitor.log(f"epoch {epoch} step {progress.step}: {bad} unreadable samples replaced by others of "

@@ -621,6 +621,15 @@ def shard_damage(draw, files: dict[str, bytes]) -> dict[str, bytes]:
     return out
 
 
+def write_damaged_split(target: Path, files: dict[str, bytes], data) -> tuple[Path, dict[str, bytes], ShardIndex]:
+    """A damaged copy of the split's files in `target`: (target, the damaged files, its index)."""
+    damaged = data.draw(shard_damage(files))
+    target.mkdir(exist_ok=True)
+    for name, content in damaged.items():
+        (target / name).write_bytes(content)
+    return target, damaged, load_index(target)
+
+
 def changed(before: bytes, after: bytes, offset: int, length: int) -> bool:
     return before[offset:offset + length] != after[offset:offset + length]
 
@@ -629,12 +638,7 @@ def changed(before: bytes, after: bytes, offset: int, length: int) -> bool:
 @given(data=st.data())
 def test_shard_reader_on_damaged_shards(work, split, data):
     _, files, want = split
-    damaged = data.draw(shard_damage(files))
-    target = work / "reader-fuzz"
-    target.mkdir(exist_ok=True)
-    for name, content in damaged.items():
-        (target / name).write_bytes(content)
-    index = load_index(target)
+    target, damaged, index = write_damaged_split(work / "reader-fuzz", files, data)
     reader = ShardReader(target, cache_dir=target / "cache")
     try:
         for i in range(len(reader)):
@@ -659,12 +663,7 @@ def test_stream_split_on_damaged_shards(work, split, data):
     """No checksums on this path (verify_split checks them): damaged samples may read as other values,
     but the only error is a ShardError naming a shard, and undamaged samples read unchanged."""
     _, files, want = split
-    damaged = data.draw(shard_damage(files))
-    target = work / "stream-fuzz"
-    target.mkdir(exist_ok=True)
-    for name, content in damaged.items():
-        (target / name).write_bytes(content)
-    index = load_index(target)
+    target, damaged, index = write_damaged_split(work / "stream-fuzz", files, data)
     try:
         for k, sample in enumerate(stream_split(target, cache_dir=target / "cache")):
             assert isinstance(sample, Sample) and k < len(want)
