@@ -33,12 +33,14 @@ import sys
 import tempfile
 import time
 import zlib
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import cpu_model
 
 from ognet.data import synth  # noqa: E402
 from ognet.data.layouts import scan_split  # noqa: E402
@@ -46,7 +48,6 @@ from ognet.data.pack import PackOptions, pack_dataset  # noqa: E402
 from ognet.data.points import read_points  # noqa: E402
 from ognet.data.shards import ShardReader, read_npy, read_tar_members, stream_split  # noqa: E402
 from ognet.data.transforms import TransformConfig, transform  # noqa: E402
-from common import cpu_model
 
 SEED = 0
 CONFIG = TransformConfig()  # the original's training transform: flip, slim 0.5, scale + jitter
@@ -87,6 +88,7 @@ def obj_pass(paths: list[Path], with_transform: bool) -> Callable[[], int]:
             if with_transform:
                 transform(cloud.xyz, cloud.rgb, CONFIG, train_rng(position, position))
         return len(paths)
+
     return run
 
 
@@ -102,6 +104,7 @@ def open3d_pass(paths: list[Path], clouds: list | None) -> Callable[[], int]:
             if clouds is not None:
                 transform(clouds[position].xyz, clouds[position].rgb, CONFIG, train_rng(position, position))
         return len(paths)
+
     return run
 
 
@@ -112,6 +115,7 @@ def reader_pass(reader: ShardReader, order: np.ndarray, with_transform: bool) ->
             if with_transform:
                 transform(sample.xyz, sample.rgb, CONFIG, train_rng(position, sample.index))
         return len(order)
+
     return run
 
 
@@ -123,6 +127,7 @@ def stream_pass(location: Path, with_transform: bool) -> Callable[[], int]:
                 transform(sample.xyz, sample.rgb, CONFIG, train_rng(position, sample.index))
             n += 1
         return n
+
     return run
 
 
@@ -131,6 +136,7 @@ def transform_pass(samples: list) -> Callable[[], int]:
         for position, s in enumerate(samples):
             transform(s.xyz, s.rgb, CONFIG, train_rng(position, position))
         return len(samples)
+
     return run
 
 
@@ -168,17 +174,33 @@ def breakdown(reader: ShardReader, paths: list[Path], repeats: int) -> list[tupl
         ("shard: seek + read the sample's bytes", seconds_per_item(read_bytes, range(len(index)), repeats)),
         ("shard: crc32 of the sample's bytes", seconds_per_item(zlib.crc32, raw, repeats)),
         ("shard: parse the 3 tar members", seconds_per_item(lambda b: list(read_tar_members(b, "")), raw, repeats)),
-        ("shard: decode 2 .npy + json", seconds_per_item(
-            lambda m: [read_npy(v) if k.endswith(".npy") else json.loads(v) for k, v in m.items()], members, repeats)),
+        (
+            "shard: decode 2 .npy + json",
+            seconds_per_item(
+                lambda m: [read_npy(v) if k.endswith(".npy") else json.loads(v) for k, v in m.items()], members, repeats
+            ),
+        ),
         ("shard: whole `ShardReader[i]`", seconds_per_item(reader.__getitem__, range(len(index)), repeats)),
         (".obj: read the file's bytes", seconds_per_item(lambda p: p.read_bytes(), paths, repeats)),
         (".obj: whole `read_points`", seconds_per_item(read_points, paths, repeats)),
-        (".obj: of which parsing text (from bytes in memory)", seconds_per_item(
-            lambda t: np.array(b" ".join(line[2:] for line in t.splitlines() if line.startswith(b"v ")).split())
-            .astype(np.float64), texts, repeats)),
-        ("transform, training (flip, slim, scale + jitter)", seconds_per_item(
-            lambda s: transform(s.xyz, s.rgb, CONFIG, train_rng(0, s.index)), samples, repeats)),
-        ("transform, test time (slim)", seconds_per_item(lambda s: transform(s.xyz, s.rgb, CONFIG, None), samples, repeats)),
+        (
+            ".obj: of which parsing text (from bytes in memory)",
+            seconds_per_item(
+                lambda t: np.array(
+                    b" ".join(line[2:] for line in t.splitlines() if line.startswith(b"v ")).split()
+                ).astype(np.float64),
+                texts,
+                repeats,
+            ),
+        ),
+        (
+            "transform, training (flip, slim, scale + jitter)",
+            seconds_per_item(lambda s: transform(s.xyz, s.rgb, CONFIG, train_rng(0, s.index)), samples, repeats),
+        ),
+        (
+            "transform, test time (slim)",
+            seconds_per_item(lambda s: transform(s.xyz, s.rgb, CONFIG, None), samples, repeats),
+        ),
     ]
 
 
@@ -186,8 +208,16 @@ def breakdown(reader: ShardReader, paths: list[Path], repeats: int) -> list[tupl
 
 
 def make_data(work: Path, samples: int, workers: int) -> tuple[Path, Path, Path]:
-    config = dataclasses.replace(synth.PRESETS["small"], train_ids=min(30, samples // 2), train_images=samples,
-                                 test_ids=1, query_images=1, gallery_images=2, distractors=0, junk=0)
+    config = dataclasses.replace(
+        synth.PRESETS["small"],
+        train_ids=min(30, samples // 2),
+        train_images=samples,
+        test_ids=1,
+        query_images=1,
+        gallery_images=2,
+        distractors=0,
+        junk=0,
+    )
     root = work / "data"
     synth.generate_dataset(root, config, workers=workers, progress=False)
     options = PackOptions(max_count=100, workers=workers, progress=False)
@@ -205,7 +235,7 @@ def machine() -> dict[str, str]:
         "CPU": cpu,
         "cores (os.cpu_count / usable by this process)": f"{os.cpu_count()} / {len(os.sched_getaffinity(0))}",
         "python / numpy / webdataset / open3d": f"{platform.python_version()} / {np.__version__} / "
-                                                f"{webdataset.__version__} / {open3d.__version__}",
+        f"{webdataset.__version__} / {open3d.__version__}",
         "load average (1, 5, 15 min) at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
 
@@ -231,26 +261,35 @@ def main() -> None:
         order = np.random.default_rng(SEED).permutation(len(reader))
         clouds = [read_points(p) for p in paths]
         for i in order[:5]:  # both paths read the same samples
-            assert np.array_equal(reader[int(i)].xyz, clouds[i].xyz) and np.array_equal(reader[int(i)].rgb, clouds[i].rgb)
+            assert np.array_equal(reader[int(i)].xyz, clouds[i].xyz) and np.array_equal(
+                reader[int(i)].rgb, clouds[i].rgb
+            )
 
-        rates = interleaved_rates({
-            "obj + transform (baseline)": obj_pass(paths, True),
-            "obj, no transform": obj_pass(paths, False),
-            "open3d read_triangle_mesh, no transform (3 points!)": open3d_pass(paths, None),
-            "open3d read_triangle_mesh + transform of the parsed arrays": open3d_pass(paths, clouds),
-            "ShardReader random + transform": reader_pass(reader, order, True),
-            "ShardReader random, no transform": reader_pass(reader, order, False),
-            "stream_split sequential + transform": stream_pass(float_shards, True),
-            "stream_split sequential, no transform": stream_pass(float_shards, False),
-            "ShardReader random + transform, uint8 colours": reader_pass(reader8, order, True),
-            "ShardReader random, no transform, uint8 colours": reader_pass(reader8, order, False),
-            "transform alone (arrays in memory)": transform_pass(clouds),
-        }, args.repeats)
-        rows = {name: {clock: statistics.median(r[clock]) for clock in r} | {"cpu passes": r["cpu"]}
-                for name, r in rates.items()}
+        rates = interleaved_rates(
+            {
+                "obj + transform (baseline)": obj_pass(paths, True),
+                "obj, no transform": obj_pass(paths, False),
+                "open3d read_triangle_mesh, no transform (3 points!)": open3d_pass(paths, None),
+                "open3d read_triangle_mesh + transform of the parsed arrays": open3d_pass(paths, clouds),
+                "ShardReader random + transform": reader_pass(reader, order, True),
+                "ShardReader random, no transform": reader_pass(reader, order, False),
+                "stream_split sequential + transform": stream_pass(float_shards, True),
+                "stream_split sequential, no transform": stream_pass(float_shards, False),
+                "ShardReader random + transform, uint8 colours": reader_pass(reader8, order, True),
+                "ShardReader random, no transform, uint8 colours": reader_pass(reader8, order, False),
+                "transform alone (arrays in memory)": transform_pass(clouds),
+            },
+            args.repeats,
+        )
+        rows = {
+            name: {clock: statistics.median(r[clock]) for clock in r} | {"cpu passes": r["cpu"]}
+            for name, r in rates.items()
+        }
         steps = breakdown(reader, paths, args.repeats)
-        sizes = {name: sum(f.stat().st_size for f in folder.glob("*.tar")) for name, folder in
-                 (("float32", float_shards), ("uint8", uint8_shards))}
+        sizes = {
+            name: sum(f.stat().st_size for f in folder.glob("*.tar"))
+            for name, folder in (("float32", float_shards), ("uint8", uint8_shards))
+        }
         obj_bytes = sum(p.stat().st_size for p in paths)
 
     text = report(args, info, rows, steps, prepare, sizes, obj_bytes)
@@ -260,32 +299,53 @@ def main() -> None:
         args.out.write_text(text)
 
 
-def report(args: argparse.Namespace, info: dict[str, str], rows: dict[str, dict], steps: list[tuple[str, float]],
-           prepare: float, sizes: dict[str, int], obj_bytes: int) -> str:
+def report(
+    args: argparse.Namespace,
+    info: dict[str, str],
+    rows: dict[str, dict],
+    steps: list[tuple[str, float]],
+    prepare: float,
+    sizes: dict[str, int],
+    obj_bytes: int,
+) -> str:
     def ratio(name: str, base: str, clock: str) -> str:
         return f"{rows[name][clock] / rows[base][clock]:.1f}x"
 
     def baseline(name: str, o3d: bool) -> str:
         transformed = "+ transform" in name
         if o3d:
-            return "open3d read_triangle_mesh + transform of the parsed arrays" if transformed else \
-                "open3d read_triangle_mesh, no transform (3 points!)"
+            return (
+                "open3d read_triangle_mesh + transform of the parsed arrays"
+                if transformed
+                else "open3d read_triangle_mesh, no transform (3 points!)"
+            )
         return "obj + transform (baseline)" if transformed else "obj, no transform"
 
-    lines = ["# Data throughput per worker: shards against .obj files", "",
-             f"Command: `python {' '.join(sys.argv)}`", ""]
+    lines = [
+        "# Data throughput per worker: shards against .obj files",
+        "",
+        f"Command: `python {' '.join(sys.argv)}`",
+        "",
+    ]
     lines += [f"- {k}: {v}" for k, v in info.items()]
-    lines += [f"- load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
-              f"- {args.samples} synthetic samples of 8192 points, train_all; median of {args.repeats} interleaved "
-              f"passes after a warm-up; data generated and packed in {prepare:.0f} s (not timed below)",
-              f"- sizes: .obj {obj_bytes / args.samples / 1e3:.0f} kB/sample, shards float32 "
-              f"{sizes['float32'] / args.samples / 1e3:.0f} kB/sample, uint8 {sizes['uint8'] / args.samples / 1e3:.0f} kB/sample",
-              "- samples/s by CPU time of the process (what one worker does per core-second) and by wall clock",
-              "", "| path | samples/s, CPU | samples/s, wall | CPU passes | vs .obj, CPU (wall) | vs open3d read, CPU |",
-              "|---|---:|---:|---|---:|---:|"]
+    lines += [
+        f"- load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        f"- {args.samples} synthetic samples of 8192 points, train_all; median of {args.repeats} interleaved "
+        f"passes after a warm-up; data generated and packed in {prepare:.0f} s (not timed below)",
+        f"- sizes: .obj {obj_bytes / args.samples / 1e3:.0f} kB/sample, shards float32 "
+        f"{sizes['float32'] / args.samples / 1e3:.0f} kB/sample, uint8 {sizes['uint8'] / args.samples / 1e3:.0f} kB/sample",
+        "- samples/s by CPU time of the process (what one worker does per core-second) and by wall clock",
+        "",
+        "| path | samples/s, CPU | samples/s, wall | CPU passes | vs .obj, CPU (wall) | vs open3d read, CPU |",
+        "|---|---:|---:|---|---:|---:|",
+    ]
     for name, row in rows.items():
         ours = name.startswith(("ShardReader", "stream", "obj"))
-        vs_obj = f"{ratio(name, baseline(name, False), 'cpu')} ({ratio(name, baseline(name, False), 'wall')})" if ours else ""
+        vs_obj = (
+            f"{ratio(name, baseline(name, False), 'cpu')} ({ratio(name, baseline(name, False), 'wall')})"
+            if ours
+            else ""
+        )
         vs_o3d = ratio(name, baseline(name, True), "cpu") if name.startswith(("ShardReader", "stream")) else ""
         passes = ", ".join(f"{x:,.0f}" for x in row["cpu passes"])
         lines.append(f"| {name} | {row['cpu']:,.0f} | {row['wall']:,.0f} | {passes} | {vs_obj} | {vs_o3d} |")

@@ -18,8 +18,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +28,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ognet.model import VARIANTS, OGNet, build_model, ops  # noqa: E402
 from common import cpu_model
+
+from ognet.model import VARIANTS, OGNet, build_model, ops  # noqa: E402
 
 NUM_CLASSES = 751
 POINT_OPS = ("knn", "farthest_point_sample", "ball_query")
@@ -100,7 +101,9 @@ def time_breakdown(fn: Callable[[], None]) -> dict[str, float]:
         start = time.perf_counter()
         fn()
         wall = time.perf_counter() - start
-    groups = {name: 0.0 for name in (*POINT_OPS, "matmul/conv (convs, linear)", "batch norm", "gather/scatter", "other ops")}
+    groups = dict.fromkeys(
+        (*POINT_OPS, "matmul/conv (convs, linear)", "batch norm", "gather/scatter", "other ops"), 0.0
+    )
     for event in prof.events():
         owner, parent = None, event
         while parent is not None:

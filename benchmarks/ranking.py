@@ -25,8 +25,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -34,8 +34,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ognet.metrics import PerQueryResult, rank_queries, reduce_results  # noqa: E402
 from common import cpu_model
+
+from ognet.metrics import PerQueryResult, rank_queries, reduce_results  # noqa: E402
 
 DIM = 512
 SEED = 0
@@ -56,15 +57,17 @@ def make_data(size: dict) -> dict[str, torch.Tensor]:
     def unit(n: int) -> torch.Tensor:
         out = torch.empty(n, DIM)
         for a in range(0, n, 4096):
-            out[a:a + 4096] = F.normalize(torch.randn(min(4096, n - a), DIM, generator=g), dim=1)
+            out[a : a + 4096] = F.normalize(torch.randn(min(4096, n - a), DIM, generator=g), dim=1)
         return out
 
     real = size["gallery"] - size["distractors"] - size["junk"]
-    gallery_pids = torch.cat([
-        torch.randint(1, size["ids"] + 1, (real,), generator=g),
-        torch.zeros(size["distractors"], dtype=torch.long),
-        torch.full((size["junk"],), -1, dtype=torch.long),
-    ])[torch.randperm(size["gallery"], generator=g)]
+    gallery_pids = torch.cat(
+        [
+            torch.randint(1, size["ids"] + 1, (real,), generator=g),
+            torch.zeros(size["distractors"], dtype=torch.long),
+            torch.full((size["junk"],), -1, dtype=torch.long),
+        ]
+    )[torch.randperm(size["gallery"], generator=g)]
     return dict(
         qf=unit(size["queries"]),
         qp=torch.randint(1, size["ids"] + 1, (size["queries"],), generator=g),
@@ -111,7 +114,7 @@ def original_loop(data: dict[str, torch.Tensor], subset: np.ndarray, stable: boo
             index = index[np.isin(index, junk_index, invert=True)]  # np.in1d in the original
             rows_good = np.argwhere(np.isin(index, good_index)).flatten()
             cmc = np.zeros(len(gl), dtype=np.int64)
-            cmc[rows_good[0]:] = 1
+            cmc[rows_good[0] :] = 1
             cmc_sum += cmc
             ngood = len(good_index)
             for k in range(ngood):
@@ -209,8 +212,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--repeats", type=int, default=3, help="runs of the vectorised path (median)")
-    parser.add_argument("--loop-queries", type=int, default=None,
-                        help="queries the loop ranks (default: all for Market, 1000 for MSMT)")
+    parser.add_argument(
+        "--loop-queries", type=int, default=None, help="queries the loop ranks (default: all for Market, 1000 for MSMT)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--child", choices=["fast", "loop", "check"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -221,7 +225,12 @@ def main() -> None:
         print(json.dumps(child(args.child, args.sizes[0], args.repeats, loop_queries)))
         return
 
-    lines = ["# Ranking benchmark", "", f"Command: `python benchmarks/ranking.py {' '.join(sys.argv[1:])}`".rstrip(), ""]
+    lines = [
+        "# Ranking benchmark",
+        "",
+        f"Command: `python benchmarks/ranking.py {' '.join(sys.argv[1:])}`".rstrip(),
+        "",
+    ]
     lines += machine()
     for name in args.sizes:
         size = SIZES[name]
@@ -237,7 +246,9 @@ def main() -> None:
         f32 = compare(fast["subset"], loop["subset"])
         m = fast["metrics"]
         lines += [
-            "", f"## {name}: {size['queries']} queries x {size['gallery']} gallery x {DIM}", "",
+            "",
+            f"## {name}: {size['queries']} queries x {size['gallery']} gallery x {DIM}",
+            "",
             f"- labels: {size['ids']} identities, {size['cameras']} cameras, {size['distractors']} distractors "
             f"(pid 0), {size['junk']} junk (pid -1); {m['num_valid_queries']} of {m['num_queries']} queries "
             "have a good match",
@@ -252,8 +263,10 @@ def main() -> None:
             f"{fast['subset_identical_to_full']}",
         ]
         if partial:
-            lines.append(f"- loop time for all {size['queries']} queries, extrapolated linearly "
-                         f"({loop['time']:.1f} s x {size['queries']}/{n}): {loop_seconds:.0f} s")
+            lines.append(
+                f"- loop time for all {size['queries']} queries, extrapolated linearly "
+                f"({loop['time']:.1f} s x {size['queries']}/{n}): {loop_seconds:.0f} s"
+            )
         lines += [
             f"- **speed-up: {loop_seconds / fast_median:.1f}x** (loop{' extrapolated' if partial else ''} / "
             "vectorised median)",
@@ -264,9 +277,11 @@ def main() -> None:
             f"- float32 vectorised vs the original loop: first good ranks differing {f32['first_good_differing']}, "
             f"queries with any AP/INP difference {f32['queries_differing']} (max |dAP| {f32['max_ap_diff']:.1e}); "
             f"mAP {f32['mAP_fast']:.9f} vs {f32['mAP_loop']:.9f}",
-            "- load average (1 min) before/after: " + "; ".join(
+            "- load average (1 min) before/after: "
+            + "; ".join(
                 f"{label} {r['load_before'][0]:.2f}/{r['load_after'][0]:.2f}"
-                for label, r in (("vectorised", fast), ("loop", loop), ("float64 check loop", check))),
+                for label, r in (("vectorised", fast), ("loop", loop), ("float64 check loop", check))
+            ),
         ]
     lines += ["", f"- uptime at end: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}"]
     print("\n".join(lines))

@@ -27,17 +27,34 @@ BIN = Path(sys.executable).parent
 
 
 def prepare(base: Path, points: int) -> Path:
-    subprocess.run([BIN / "ognet-synth", "--out", base / "raw", "--preset", "small", "--points", str(points), "--no-progress"], check=True)
-    subprocess.run([BIN / "ognet-pack", base / "raw", base / "shards", "--max-count", "64"], check=True, capture_output=True)
+    subprocess.run(
+        [BIN / "ognet-synth", "--out", base / "raw", "--preset", "small", "--points", str(points), "--no-progress"],
+        check=True,
+    )
+    subprocess.run(
+        [BIN / "ognet-pack", base / "raw", base / "shards", "--max-count", "64"], check=True, capture_output=True
+    )
     return base / "shards"
 
 
 def run(shards: Path, run_dir: Path, world: int, steps: int, batch: int, workers: int) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [BIN / "torchrun", "--standalone", f"--nproc_per_node={world}", REPO / "launch" / "train.py",
-           "--config", REPO / "configs" / "demo.yaml", f"data.root={shards}", f"run_dir={run_dir}", "train.epochs=1",
-           f"train.max_steps_per_epoch={steps}", f"train.global_batch_size={batch}", "train.log_every_steps=1",
-           f"data.num_workers={workers}", "eval.rank_list_queries=0"]
+    cmd = [
+        BIN / "torchrun",
+        "--standalone",
+        f"--nproc_per_node={world}",
+        REPO / "launch" / "train.py",
+        "--config",
+        REPO / "configs" / "demo.yaml",
+        f"data.root={shards}",
+        f"run_dir={run_dir}",
+        "train.epochs=1",
+        f"train.max_steps_per_epoch={steps}",
+        f"train.global_batch_size={batch}",
+        "train.log_every_steps=1",
+        f"data.num_workers={workers}",
+        "eval.rank_list_queries=0",
+    ]
     subprocess.run([str(c) for c in cmd], check=True, capture_output=True, env=env)
     events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0}).Reload()
     times = [e.value for e in sorted(events.Scalars("train/step_time_s"), key=lambda e: e.step)]
@@ -52,19 +69,27 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--batch", type=int, default=16, help="global batch size")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--workers", type=int, default=0,
-                   help="DataLoader workers per rank; 0 (default) keeps each rank to one process and one thread")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="DataLoader workers per rank; 0 (default) keeps each rank to one process and one thread",
+    )
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         shards = prepare(Path(tmp), args.points)
         rates = {1: [], 2: []}
         for r in range(args.repeats):
             for world in (1, 2):
-                rates[world].append(run(shards, Path(tmp) / f"run-{world}-{r}", world, args.steps, args.batch, args.workers))
+                rates[world].append(
+                    run(shards, Path(tmp) / f"run-{world}-{r}", world, args.steps, args.batch, args.workers)
+                )
                 print(f"repeat {r} world {world}: {rates[world][-1]:.2f} samples/s", flush=True)
     one, two = statistics.median(rates[1]), statistics.median(rates[2])
     print(f"\nmachine: {cpu_model()}, {os.cpu_count()} cores; load average after the run {os.getloadavg()}")
-    print(f"points {args.points} (slim keeps half), global batch {args.batch}, {args.steps} steps, data workers/rank {args.workers}")
+    print(
+        f"points {args.points} (slim keeps half), global batch {args.batch}, {args.steps} steps, data workers/rank {args.workers}"
+    )
     print(f"1 rank : {one:.2f} samples/s (median of {args.repeats}: {[round(x, 2) for x in rates[1]]})")
     print(f"2 ranks: {two:.2f} samples/s (median of {args.repeats}: {[round(x, 2) for x in rates[2]]})")
     print(f"speed-up {two / one:.2f}x, scaling efficiency {two / one / 2:.0%}")

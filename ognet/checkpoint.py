@@ -57,15 +57,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except pickle.UnpicklingError as e:
         if "unsupported global" not in str(e).lower():  # garbage bytes rather than a forbidden object
             raise CheckpointError(f"{path}: unreadable or corrupt checkpoint ({str(e).splitlines()[0]})") from e
-        raise CheckpointError(f"{path}: refused: the checkpoint holds objects other than tensors and plain "
-                              f"values, which could run code when loaded; it is not loaded") from e
+        raise CheckpointError(
+            f"{path}: refused: the checkpoint holds objects other than tensors and plain "
+            f"values, which could run code when loaded; it is not loaded"
+        ) from e
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({e})") from e
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not an ognet checkpoint (for a checkpoint of the original code use "
-                              f"ognet-import-original first)")
+        raise CheckpointError(
+            f"{path}: not an ognet checkpoint (for a checkpoint of the original code use ognet-import-original first)"
+        )
     if payload.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {payload.get('version')}, this ognet reads {CHECKPOINT_VERSION}")
+        raise CheckpointError(
+            f"{path}: checkpoint version {payload.get('version')}, this ognet reads {CHECKPOINT_VERSION}"
+        )
     return payload
 
 
@@ -74,11 +79,17 @@ def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
     ours = model.state_dict()
     missing = sorted(set(ours) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(ours))
-    shapes = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-                    for k, v in ours.items() if k in state_dict and state_dict[k].shape != v.shape)
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in ours.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    )
     if missing or unexpected or shapes:
-        parts = [f"missing keys {missing[:8]}" if missing else "", f"unexpected keys {unexpected[:8]}" if unexpected else "",
-                 f"shape mismatches {shapes[:8]}" if shapes else ""]
+        parts = [
+            f"missing keys {missing[:8]}" if missing else "",
+            f"unexpected keys {unexpected[:8]}" if unexpected else "",
+            f"shape mismatches {shapes[:8]}" if shapes else "",
+        ]
         raise CheckpointError(f"{source}: checkpoint does not fit the model: " + "; ".join(p for p in parts if p))
     model.load_state_dict(state_dict)
 

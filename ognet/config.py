@@ -12,9 +12,10 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
@@ -129,9 +130,24 @@ _CHOICES = {
     "train.nonfinite": ("stop", "skip"),
     "eval.ap": ("trapezoid", "noninterp"),
 }
-_POSITIVE = ("train.epochs", "train.global_batch_size", "sampler.k", "eval.batch_size", "optim.lr", "train.collective_timeout_s")
-_NON_NEGATIVE = ("data.num_workers", "train.seed", "train.max_steps_per_epoch", "train.checkpoint_every_steps",
-                 "train.eval_every_epochs", "optim.weight_decay", "optim.loss_warmup_epochs", "optim.lr_warmup_epochs")
+_POSITIVE = (
+    "train.epochs",
+    "train.global_batch_size",
+    "sampler.k",
+    "eval.batch_size",
+    "optim.lr",
+    "train.collective_timeout_s",
+)
+_NON_NEGATIVE = (
+    "data.num_workers",
+    "train.seed",
+    "train.max_steps_per_epoch",
+    "train.checkpoint_every_steps",
+    "train.eval_every_epochs",
+    "optim.weight_decay",
+    "optim.loss_warmup_epochs",
+    "optim.lr_warmup_epochs",
+)
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -172,8 +188,10 @@ def validate(config: Config) -> None:
     if config.sampler.camera_aware and config.sampler.mode != "pk":
         raise ConfigError("sampler.camera_aware applies to sampler.mode pk only")
     if config.sampler.mode == "pk" and config.train.global_batch_size % config.sampler.k:
-        raise ConfigError(f"train.global_batch_size {config.train.global_batch_size} is not a multiple of sampler.k "
-                          f"{config.sampler.k} (P identities x K instances)")
+        raise ConfigError(
+            f"train.global_batch_size {config.train.global_batch_size} is not a multiple of sampler.k "
+            f"{config.sampler.k} (P identities x K instances)"
+        )
     if not config.eval.scales:
         raise ConfigError("eval.scales must list at least one scale")
 

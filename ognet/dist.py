@@ -13,9 +13,10 @@ import os
 import shutil
 import subprocess
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -114,8 +115,12 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600) -> Dist
     if not dist.is_initialized():
         _warn_about_shared_store_restarts(rank)
         dist.init_process_group(
-            backend, init_method="env://", rank=rank, world_size=world_size,
-            timeout=timedelta(seconds=timeout_s), device_id=device if backend == "nccl" else None,
+            backend,
+            init_method="env://",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=timeout_s),
+            device_id=device if backend == "nccl" else None,
         )
     global _timeout_s
     _timeout_s = timeout_s
@@ -127,9 +132,17 @@ def _warn_about_shared_store_restarts(rank: int) -> None:
     group reads the keys the dead ones left there: gloo then connects to addresses of processes
     that no longer exist ("Connection refused"). A store per restart avoids it."""
     restarts = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")
-    if rank == 0 and restarts.isdigit() and int(restarts) > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        warnings.warn("torchrun --max-restarts with the agent's shared TCPStore: a restarted group may fail to "
-                      "connect; export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun", stacklevel=3)
+    if (
+        rank == 0
+        and restarts.isdigit()
+        and int(restarts) > 0
+        and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    ):
+        warnings.warn(
+            "torchrun --max-restarts with the agent's shared TCPStore: a restarted group may fail to "
+            "connect; export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun",
+            stacklevel=3,
+        )
 
 
 class CollectiveError(OgnetError):
@@ -152,8 +165,10 @@ def collective(name: str) -> Iterator[None]:
         if not _active() or not (isinstance(e, dist.DistError) or any(s in message.lower() for s in _PEER_FAILURES)):
             raise
         timeout = f"timeout {_timeout_s:g} s, train.collective_timeout_s" if _timeout_s else "the group's timeout"
-        raise CollectiveError(f"rank {dist.get_rank()} of {dist.get_world_size()}: {name} failed ({timeout}): "
-                              f"another rank crashed, hangs or was stopped ({message})") from e
+        raise CollectiveError(
+            f"rank {dist.get_rank()} of {dist.get_world_size()}: {name} failed ({timeout}): "
+            f"another rank crashed, hangs or was stopped ({message})"
+        ) from e
 
 
 def _named(fn: F) -> F:
@@ -223,8 +238,10 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
     shapes = [torch.empty(x.dim(), dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
     dist.all_gather(shapes, torch.tensor(x.shape, dtype=torch.long, device=x.device))
     if any(not torch.equal(s, shapes[0]) for s in shapes):
-        raise ValueError(f"all_gather needs the same shape on every rank, got {[tuple(s.tolist()) for s in shapes]}; "
-                         "use all_gather_uneven for different lengths")
+        raise ValueError(
+            f"all_gather needs the same shape on every rank, got {[tuple(s.tolist()) for s in shapes]}; "
+            "use all_gather_uneven for different lengths"
+        )
     out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(out, x)
     return torch.cat(out)
@@ -244,7 +261,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)
         start = dist.get_rank() * ctx.rows
-        return grad[start:start + ctx.rows]
+        return grad[start : start + ctx.rows]
 
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 import torch
 import torch.nn as nn
+from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
@@ -44,16 +44,21 @@ def rank_slice(n: int, info: dist.DistInfo) -> np.ndarray:
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, reader: ShardReader, config: Config, info: dist.DistInfo,
-                     desc: str) -> tuple[torch.Tensor, np.ndarray]:
+def extract_features(
+    model: nn.Module, reader: ShardReader, config: Config, info: dist.DistInfo, desc: str
+) -> tuple[torch.Tensor, np.ndarray]:
     """L2-normalised test features of every sample of `reader`, in sample order, on every rank, and
     which samples were unreadable and left out (data.bad_samples=skip; their feature rows are 0)."""
     transforms = TransformConfig(slim=config.data.slim)
     indices = rank_slice(len(reader), info)
-    loader = DataLoader(Subset(EvalSet(reader, transforms, config.data.bad_samples), indices.tolist()),
-                        batch_size=config.eval.batch_size, num_workers=config.data.num_workers,
-                        pin_memory=info.device.type == "cuda", worker_init_fn=ignore_preemption_signal,
-                        collate_fn=collate_eval)
+    loader = DataLoader(
+        Subset(EvalSet(reader, transforms, config.data.bad_samples), indices.tolist()),
+        batch_size=config.eval.batch_size,
+        num_workers=config.data.num_workers,
+        pin_memory=info.device.type == "cuda",
+        worker_init_fn=ignore_preemption_signal,
+        collate_fn=collate_eval,
+    )
     model.eval()
     features, order, bad = [], [], []
     for xyz, rgb, index, unreadable in tqdm(loader, desc=desc, disable=not info.is_main, unit="batch", leave=False):
@@ -83,8 +88,15 @@ def extract_features(model: nn.Module, reader: ShardReader, config: Config, info
     return merged, left_out
 
 
-def evaluate_model(model: nn.Module, config: Config, info: dist.DistInfo, monitor: Monitor, step: int = 0,
-                   tag: str = "eval", out_dir: str | Path | None = None) -> dict[str, Any]:
+def evaluate_model(
+    model: nn.Module,
+    config: Config,
+    info: dist.DistInfo,
+    monitor: Monitor,
+    step: int = 0,
+    tag: str = "eval",
+    out_dir: str | Path | None = None,
+) -> dict[str, Any]:
     """Extract, merge, rank and reduce; the main rank writes metrics (JSON, result line, TensorBoard)."""
     was_training = model.training
     query = ShardReader(join_location(config.data.root, config.data.query_split), config.data.cache_dir)
@@ -94,18 +106,24 @@ def evaluate_model(model: nn.Module, config: Config, info: dist.DistInfo, monito
     qi, gi = query.index, gallery.index
     for reader, out in ((query, q_out), (gallery, g_out)):
         if out.all():
-            raise ShardError(f"{reader.location}: no sample is readable (data.bad_samples=skip leaves out all {len(out)})")
+            raise ShardError(
+                f"{reader.location}: no sample is readable (data.bad_samples=skip leaves out all {len(out)})"
+            )
 
     queries, kept = np.flatnonzero(~q_out), np.flatnonzero(~g_out)
     kept_f = gf[kept] if g_out.any() else gf  # no copy of the gallery's features when none is left out
     mine = queries[rank_slice(len(queries), info)]
     if len(mine):
-        part = rank_queries(qf[mine], qi.pids[mine], qi.camids[mine], kept_f, gi.pids[kept], gi.camids[kept],
-                            ap=config.eval.ap)
+        part = rank_queries(
+            qf[mine], qi.pids[mine], qi.camids[mine], kept_f, gi.pids[kept], gi.camids[kept], ap=config.eval.ap
+        )
     else:  # more ranks than queries: nothing to rank here (rank_queries refuses an empty set), still gather
-        part = PerQueryResult(torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64),
-                              torch.zeros(0, dtype=torch.long))
-    merged = PerQueryResult(*(dist.all_gather_uneven(t.to(info.device)).cpu() for t in (part.ap, part.inp, part.first_good)))
+        part = PerQueryResult(
+            torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+        )
+    merged = PerQueryResult(
+        *(dist.all_gather_uneven(t.to(info.device)).cpu() for t in (part.ap, part.inp, part.first_good))
+    )
     metrics = reduce_results([merged])
     skip = config.data.bad_samples == "skip"
     if skip:
@@ -116,18 +134,28 @@ def evaluate_model(model: nn.Module, config: Config, info: dist.DistInfo, monito
         out = Path(out_dir or config.run_dir)
         line = format_result_line(metrics)
         note = f"; {q_out.sum()} query and {g_out.sum()} gallery samples unreadable, left out" if skip else ""
-        monitor.log(f"{tag}: {line} mINP:{metrics['mINP']:f} ({metrics['num_queries']} queries, {len(kept)} gallery{note})")
+        monitor.log(
+            f"{tag}: {line} mINP:{metrics['mINP']:f} ({metrics['num_queries']} queries, {len(kept)} gallery{note})"
+        )
         with atomic_write(out / f"metrics-{tag}.json", "w") as f:
             json.dump({"step": step, **metrics}, f, indent=1)
         with open(out / "result.txt", "a") as f:
             f.write(f"{tag} step {step}: {line}\n")
-        monitor.scalars({f"{tag}/rank1": metrics["rank1"], f"{tag}/rank5": metrics["rank5"],
-                         f"{tag}/rank10": metrics["rank10"], f"{tag}/mAP": metrics["mAP"], f"{tag}/mINP": metrics["mINP"]}, step)
+        monitor.scalars(
+            {
+                f"{tag}/rank1": metrics["rank1"],
+                f"{tag}/rank5": metrics["rank5"],
+                f"{tag}/rank10": metrics["rank10"],
+                f"{tag}/mAP": metrics["mAP"],
+                f"{tag}/mINP": metrics["mINP"],
+            },
+            step,
+        )
         if skip:
             monitor.scalars({f"{tag}/bad_samples": metrics["num_bad_samples"]}, step)
         if config.eval.save_features:
             save_features(out, tag, qf.cpu().numpy(), gf.cpu().numpy(), qi, gi, monitor)
-        for q in queries[:config.eval.rank_list_queries].tolist():
+        for q in queries[: config.eval.rank_list_queries].tolist():
             picture = rank_list_picture(q, qf, gf, query, gallery, g_out)
             monitor.image(f"{tag}/rank_list_{q}", picture, step)
             Image.fromarray(picture).save(out / f"rank-list-{tag}-{q}.png")
@@ -147,13 +175,28 @@ def save_features(out: Path, tag: str, qf: np.ndarray, gf: np.ndarray, qi, gi, m
     except ImportError:
         monitor.log("scipy is not installed: pytorch_result.mat not written (pip install scipy)")
         return
-    scipy.io.savemat(out / f"pytorch_result-{tag}.mat", {
-        "query_f": qf, "query_label": qi.pids, "query_cam": qi.camids,
-        "gallery_f": gf, "gallery_label": gi.pids, "gallery_cam": gi.camids})
+    scipy.io.savemat(
+        out / f"pytorch_result-{tag}.mat",
+        {
+            "query_f": qf,
+            "query_label": qi.pids,
+            "query_cam": qi.camids,
+            "gallery_f": gf,
+            "gallery_label": gi.pids,
+            "gallery_cam": gi.camids,
+        },
+    )
 
 
-def rank_list_picture(q: int, qf: torch.Tensor, gf: torch.Tensor, query: ShardReader, gallery: ShardReader,
-                      left_out: np.ndarray | None = None, top: int = 10) -> np.ndarray:
+def rank_list_picture(
+    q: int,
+    qf: torch.Tensor,
+    gf: torch.Tensor,
+    query: ShardReader,
+    gallery: ShardReader,
+    left_out: np.ndarray | None = None,
+    top: int = 10,
+) -> np.ndarray:
     """Query `q` and its top gallery clouds (junk and left-out samples removed), correct matches
     framed green, others red."""
     qi, gi = query.index, gallery.index
@@ -194,7 +237,9 @@ def main(argv: list[str] | None = None) -> None:
     from ognet.config import load_config
     from ognet.errors import OgnetError
 
-    parser = argparse.ArgumentParser(prog="ognet-eval", description="Evaluate an OG-Net checkpoint (sharded over ranks).")
+    parser = argparse.ArgumentParser(
+        prog="ognet-eval", description="Evaluate an OG-Net checkpoint (sharded over ranks)."
+    )
     parser.add_argument("--config", help="YAML config naming the data (data.root, data.query_split, ...)")
     parser.add_argument("--checkpoint", required=True, help="ognet checkpoint (model_last.pt, step-*.pt, or imported)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. run_dir=runs/eval data.root=/data/duke")

@@ -7,8 +7,9 @@ import errno
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 from ognet.errors import OgnetError
 
@@ -47,8 +48,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
                 os.unlink(tmp)
         full = _disk_full(e)
         if full is not None and not isinstance(e, DiskFullError):
-            raise DiskFullError(f"{path}: not written: {os.strerror(full.errno).lower()} ({_free(path.parent)} free "
-                                f"in {path.parent}); files already there are untouched") from e
+            raise DiskFullError(
+                f"{path}: not written: {os.strerror(full.errno).lower()} ({_free(path.parent)} free "
+                f"in {path.parent}); files already there are untouched"
+            ) from e
         raise
 
 
@@ -59,8 +62,11 @@ def remove_partials(folder: str | os.PathLike, name_pattern: str = "*") -> list[
     for p in removed:
         p.unlink(missing_ok=True)
     if removed:
-        log.warning("removed %d partial file(s) left by an interrupted write: %s", len(removed),
-                    ", ".join(str(p) for p in removed))
+        log.warning(
+            "removed %d partial file(s) left by an interrupted write: %s",
+            len(removed),
+            ", ".join(str(p) for p in removed),
+        )
     return removed
 
 

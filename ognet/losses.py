@@ -129,8 +129,10 @@ class LossWarmup:
 
     def __post_init__(self) -> None:
         if self.warm_epochs < 0 or (self.warm_epochs > 0 and self.warm_iterations < 1):
-            raise ConfigError(f"warm-up needs warm_epochs >= 0 and warm_iterations >= 1, got "
-                              f"{self.warm_epochs} and {self.warm_iterations}")
+            raise ConfigError(
+                f"warm-up needs warm_epochs >= 0 and warm_iterations >= 1, got "
+                f"{self.warm_epochs} and {self.warm_iterations}"
+            )
 
     @classmethod
     def original(cls, num_samples: int, batch_size: int, warm_epochs: int = 10) -> LossWarmup:

@@ -32,8 +32,9 @@ slices ranked on different ranks and concatenated in query order are bit-identic
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,7 +78,7 @@ class PerQueryResult:
         return len(self.first_good)
 
     @staticmethod
-    def cat(parts: Sequence["PerQueryResult"]) -> "PerQueryResult":
+    def cat(parts: Sequence[PerQueryResult]) -> PerQueryResult:
         return PerQueryResult(
             ap=torch.cat([p.ap for p in parts]),
             inp=torch.cat([p.inp for p in parts]),
@@ -101,8 +102,15 @@ def evaluate_ranking(
     """Rank every query against the gallery and return rank1/5/10, mAP, mINP (fractions), the CMC
     curve up to `max_rank`, num_queries and num_valid_queries. Inputs: numpy arrays or tensors."""
     result = rank_queries(
-        query_features, query_pids, query_camids, gallery_features, gallery_pids, gallery_camids,
-        ap=ap, chunk_size=chunk_size, max_bytes=max_bytes,
+        query_features,
+        query_pids,
+        query_camids,
+        gallery_features,
+        gallery_pids,
+        gallery_camids,
+        ap=ap,
+        chunk_size=chunk_size,
+        max_bytes=max_bytes,
     )
     return reduce_results([result], max_rank=max_rank)
 
@@ -134,9 +142,7 @@ def rank_queries(
     qf, qp, qc = _check_set("query", query_features, query_pids, query_camids)
     gf, gp, gc = _check_set("gallery", gallery_features, gallery_pids, gallery_camids)
     if qf.shape[1] != gf.shape[1]:
-        raise DataError(
-            f"query features have dimension {qf.shape[1]} but gallery features {gf.shape[1]}"
-        )
+        raise DataError(f"query features have dimension {qf.shape[1]} but gallery features {gf.shape[1]}")
     dtype = torch.promote_types(torch.promote_types(qf.dtype, gf.dtype), torch.float32)
     device = qf.device
     qf, qp, qc = qf.to(dtype), qp.to(device), qc.to(device)
@@ -186,9 +192,8 @@ def reduce_results(results: Sequence[PerQueryResult], *, max_rank: int = 50) -> 
 
 def format_result_line(metrics: dict[str, Any]) -> str:
     """The original's result line (fractions with 6 decimals)."""
-    return "Rank@1:%f Rank@5:%f Rank@10:%f mAP:%f" % (
-        metrics["rank1"], metrics["rank5"], metrics["rank10"], metrics["mAP"],
-    )
+    m = metrics
+    return f"Rank@1:{m['rank1']:f} Rank@5:{m['rank5']:f} Rank@10:{m['rank10']:f} mAP:{m['mAP']:f}"
 
 
 def _hit_counts(first_good: torch.Tensor, length: int) -> torch.Tensor:
@@ -196,9 +201,7 @@ def _hit_counts(first_good: torch.Tensor, length: int) -> torch.Tensor:
     return torch.bincount(first_good.clamp(max=length), minlength=length + 1)[:length].cumsum(0)
 
 
-def _check_set(
-    name: str, features: Any, pids: Any, camids: Any
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _check_set(name: str, features: Any, pids: Any, camids: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     features = _as_tensor(features, f"{name} features")
     pids, camids = _as_tensor(pids, f"{name} pids"), _as_tensor(camids, f"{name} camids")
     if features.ndim != 2:
@@ -216,9 +219,7 @@ def _check_set(
         if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
             raise DataError(f"{name} {label} must be integers, got {values.dtype}")
     # amin/amax propagate NaN and inf, and are cheaper than isfinite on a large gallery.
-    if features.is_floating_point() and not all(
-        math.isfinite(float(x)) for x in (features.amin(), features.amax())
-    ):
+    if features.is_floating_point() and not all(math.isfinite(float(x)) for x in (features.amin(), features.amax())):
         row = int((~torch.isfinite(features).all(dim=1)).nonzero()[0])
         raise DataError(f"{name} features contain NaN or inf (first at row {row})")
     return features, pids.long(), camids.long()
@@ -237,9 +238,7 @@ def _check_no_overflow(qf: torch.Tensor, gf: torch.Tensor) -> None:
     """Keep scores far inside the float range, where the ranking below is exact."""
     bound = qf.shape[1] * _max_abs(qf) * _max_abs(gf)  # |q . g| <= dim max|q_i| max|g_i|
     if not bound < torch.finfo(qf.dtype).max / 8:
-        raise DataError(
-            f"feature values are too large: scores could reach {bound:.3g}, beyond {qf.dtype} range"
-        )
+        raise DataError(f"feature values are too large: scores could reach {bound:.3g}, beyond {qf.dtype} range")
 
 
 def _max_abs(x: torch.Tensor) -> float:

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-
 STACK_DUMP_SIGNAL = signal.SIGUSR2
 
 
@@ -72,7 +71,7 @@ class Monitor:
 
         flat = flatten(config)
         values = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
-        for summary in hparams(values, {tag: 0.0 for tag in metric_tags}):
+        for summary in hparams(values, dict.fromkeys(metric_tags, 0.0)):
             self.writer.file_writer.add_summary(summary)
         self.writer.add_text("config", "```\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)
 
@@ -99,7 +98,9 @@ def render_cloud(xyz: np.ndarray, rgb: np.ndarray, height: int = 192, width: int
     return image
 
 
-def render_rank_list(clouds: list[tuple[np.ndarray, np.ndarray]], matches: list[bool | None], border: int = 4) -> np.ndarray:
+def render_rank_list(
+    clouds: list[tuple[np.ndarray, np.ndarray]], matches: list[bool | None], border: int = 4
+) -> np.ndarray:
     """A row of rendered clouds: the query (grey frame), then its ranked gallery items framed green
     (same identity) or red."""
     colours = {None: (128, 128, 128), True: (0, 170, 0), False: (210, 0, 0)}

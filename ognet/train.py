@@ -82,8 +82,9 @@ def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
 def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
     """The original's optimizer: Adam (amsgrad), coupled L2 weight decay, one group for everything."""
     o = config.optim
-    return torch.optim.Adam(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
-                            amsgrad=o.amsgrad)
+    return torch.optim.Adam(
+        model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, amsgrad=o.amsgrad
+    )
 
 
 def grad_norm(optimizer: torch.optim.Optimizer) -> float:
@@ -143,7 +144,10 @@ class DDPEngine:
 
     def save(self, folder: Path, tag: str) -> dict[str, Any]:
         """Optimizer state, to be stored in the main rank's checkpoint."""
-        return {"optimizer": self.optimizer.state_dict(), **({"scaler": self.scaler.state_dict()} if self.scaler else {})}
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            **({"scaler": self.scaler.state_dict()} if self.scaler else {}),
+        }
 
     def load(self, payload: dict[str, Any], folder: Path, tag: str) -> None:
         self.optimizer.load_state_dict(payload["optimizer"])
@@ -163,10 +167,15 @@ class DeepSpeedEngine(DDPEngine):
         self.precision, self.device, self.scaler = config.train.precision, info.device, None
         ds_config = json.loads(Path(config.train.deepspeed_config).read_text())
         ds_config.pop("train_batch_size", None)
-        ds_config.update(train_micro_batch_size_per_gpu=local_batch, gradient_accumulation_steps=1,
-                         bf16={"enabled": self.precision == "bf16"}, fp16={"enabled": self.precision == "fp16"})
-        self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, config),
-                                                                config=ds_config)
+        ds_config.update(
+            train_micro_batch_size_per_gpu=local_batch,
+            gradient_accumulation_steps=1,
+            bf16={"enabled": self.precision == "bf16"},
+            fp16={"enabled": self.precision == "fp16"},
+        )
+        self.model, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=make_optimizer(model, config), config=ds_config
+        )
 
     def autocast(self):
         return torch.autocast(self.device.type, enabled=False)  # DeepSpeed casts the module itself
@@ -184,8 +193,9 @@ class DeepSpeedEngine(DDPEngine):
         return {}
 
     def load(self, payload: dict[str, Any], folder: Path, tag: str) -> None:
-        path, _ = self.model.load_checkpoint(str(folder / "deepspeed"), tag=tag, load_optimizer_states=True,
-                                             load_lr_scheduler_states=False)
+        path, _ = self.model.load_checkpoint(
+            str(folder / "deepspeed"), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
         if path is None:
             raise OgnetError(f"{folder / 'deepspeed' / tag}: DeepSpeed checkpoint not found")
 
@@ -273,7 +283,9 @@ def train(config: Config) -> dict[str, Any]:
         dist.cleanup()
 
 
-def _train(config: Config, info: dist.DistInfo, run_dir: Path, ckpt_dir: Path, monitor: Monitor, flag: PreemptionFlag) -> dict[str, Any]:
+def _train(
+    config: Config, info: dist.DistInfo, run_dir: Path, ckpt_dir: Path, monitor: Monitor, flag: PreemptionFlag
+) -> dict[str, Any]:
     t = config.train
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -281,17 +293,36 @@ def _train(config: Config, info: dist.DistInfo, run_dir: Path, ckpt_dir: Path, m
 
     reader = ShardReader(join_location(config.data.root, config.data.train_split), config.data.cache_dir)
     index = reader.index
-    sampler = StratifiedSampler(index.labels, index.camids, global_batch_size=t.global_batch_size,
-                                mode=config.sampler.mode, seed=t.seed, world_size=info.world_size, rank=info.rank,
-                                k=config.sampler.k, camera_aware=config.sampler.camera_aware)
-    steps_per_epoch = sampler.steps_per_epoch if not t.max_steps_per_epoch else min(sampler.steps_per_epoch, t.max_steps_per_epoch)
-    transforms = TransformConfig(slim=config.data.slim, flip=config.data.flip, scale=config.data.scale,
-                                 rotate=config.data.rotate, erase=config.data.erase)
+    sampler = StratifiedSampler(
+        index.labels,
+        index.camids,
+        global_batch_size=t.global_batch_size,
+        mode=config.sampler.mode,
+        seed=t.seed,
+        world_size=info.world_size,
+        rank=info.rank,
+        k=config.sampler.k,
+        camera_aware=config.sampler.camera_aware,
+    )
+    steps_per_epoch = (
+        sampler.steps_per_epoch if not t.max_steps_per_epoch else min(sampler.steps_per_epoch, t.max_steps_per_epoch)
+    )
+    transforms = TransformConfig(
+        slim=config.data.slim,
+        flip=config.data.flip,
+        scale=config.data.scale,
+        rotate=config.data.rotate,
+        erase=config.data.erase,
+    )
     dataset = TrainSet(reader, transforms, t.seed, config.data.bad_samples)
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = build_model(config.model.variant, index.num_classes, **config.model.overrides)
-    model_config = {"variant": config.model.variant, "num_classes": index.num_classes, "overrides": dict(config.model.overrides)}
+    model_config = {
+        "variant": config.model.variant,
+        "num_classes": index.num_classes,
+        "overrides": dict(config.model.overrides),
+    }
     if t.sync_bn and info.world_size > 1:
         if info.device.type != "cuda":
             raise ConfigError("train.sync_bn needs CUDA devices: torch's SyncBatchNorm has no CPU path")
@@ -302,7 +333,9 @@ def _train(config: Config, info: dist.DistInfo, run_dir: Path, ckpt_dir: Path, m
     else:
         engine = DDPEngine(model, config, info)
 
-    loss_fn = ReidLoss(circle=config.loss.circle, m=config.loss.m, gamma=config.loss.gamma, circle_form=config.loss.form)
+    loss_fn = ReidLoss(
+        circle=config.loss.circle, m=config.loss.m, gamma=config.loss.gamma, circle_form=config.loss.form
+    )
     warmup = LossWarmup.original(len(index), t.global_batch_size, config.optim.loss_warmup_epochs)
     wa_start = int(t.wa_start * t.epochs)
     average = WeightAverage(model) if t.wa else None
@@ -312,11 +345,17 @@ def _train(config: Config, info: dist.DistInfo, run_dir: Path, ckpt_dir: Path, m
         name = f"step-{progress.global_step:08d}.pt"
         engine_state = engine.save(ckpt_dir, name)
         if info.is_main:
-            save_checkpoint(ckpt_dir / name, {
-                "model": model.state_dict(), "model_config": model_config, **engine_state,
-                "progress": vars(progress).copy(), "config": config.to_dict(),
-                **({"averaged": average.state()} if average else {}),
-            })
+            save_checkpoint(
+                ckpt_dir / name,
+                {
+                    "model": model.state_dict(),
+                    "model_config": model_config,
+                    **engine_state,
+                    "progress": vars(progress).copy(),
+                    "config": config.to_dict(),
+                    **({"averaged": average.state()} if average else {}),
+                },
+            )
             prune_checkpoints(ckpt_dir, t.keep_checkpoints)
         dist.barrier()
 
@@ -330,20 +369,30 @@ def _train(config: Config, info: dist.DistInfo, run_dir: Path, ckpt_dir: Path, m
         progress = Progress(**payload["progress"])
         monitor.log(f"resumed from {resume} at epoch {progress.epoch} step {progress.step}")
 
-    monitor.log(f"training {config.model.variant} ({sum(p.numel() for p in model.parameters()):,} parameters) on "
-                f"{info.world_size} x {info.device.type} ({t.backend}, {t.precision}): {len(index)} samples, "
-                f"{index.num_classes} identities, global batch {t.global_batch_size}, {steps_per_epoch} steps/epoch, "
-                f"{t.epochs} epochs -> {run_dir}")
+    monitor.log(
+        f"training {config.model.variant} ({sum(p.numel() for p in model.parameters()):,} parameters) on "
+        f"{info.world_size} x {info.device.type} ({t.backend}, {t.precision}): {len(index)} samples, "
+        f"{index.num_classes} identities, global batch {t.global_batch_size}, {steps_per_epoch} steps/epoch, "
+        f"{t.epochs} epochs -> {run_dir}"
+    )
     monitor.hparams(config.to_dict(), ["eval/rank1", "eval/mAP"])
     metrics: dict[str, Any] = {}
     while progress.epoch < t.epochs:
         epoch = progress.epoch
-        loader = train_loader(dataset, sampler, epoch, progress.step, config.data.num_workers, info.device.type == "cuda")
+        loader = train_loader(
+            dataset, sampler, epoch, progress.step, config.data.num_workers, info.device.type == "cuda"
+        )
         engine.model.train()
         tic = last = time.time()
         seen, waited, norm = 0, 0.0, float("nan")
-        bar = tqdm(loader, desc=f"epoch {epoch}", total=steps_per_epoch - progress.step, unit="step", leave=False,
-                   disable=not info.is_main)
+        bar = tqdm(
+            loader,
+            desc=f"epoch {epoch}",
+            total=steps_per_epoch - progress.step,
+            unit="step",
+            leave=False,
+            disable=not info.is_main,
+        )
         for xyz, rgb, labels, *replaced in bar:  # replaced: with data.bad_samples=skip
             waited += time.time() - last
             if progress.step >= steps_per_epoch:
@@ -361,8 +410,10 @@ def _train(config: Config, info: dist.DistInfo, run_dir: Path, ckpt_dir: Path, m
                 bad = int(dist.all_reduce_sum(replaced[0].sum().to(info.device)).item())
                 if bad:
                     progress.bad_samples += bad
-                    monitor.log(f"epoch {epoch} step {progress.step}: {bad} unreadable samples replaced by others of "
-                                f"their identity ({progress.bad_samples} so far; the workers' warnings name them)")
+                    monitor.log(
+                        f"epoch {epoch} step {progress.step}: {bad} unreadable samples replaced by others of "
+                        f"their identity ({progress.bad_samples} so far; the workers' warnings name them)"
+                    )
             lr = learning_rate(config, epoch, progress.step, steps_per_epoch)
             engine.set_lr(lr)
             torch.manual_seed(step_seed(t.seed, epoch, progress.step, info.rank))
@@ -373,8 +424,11 @@ def _train(config: Config, info: dist.DistInfo, run_dir: Path, ckpt_dir: Path, m
             feature = out.circle_feature if config.loss.feature == "dropout" else out.feature
             terms = loss_fn(out.logits.float(), labels, feature.float())
             factor = warmup.factor(progress.global_step, epoch)
-            nonfinite = "loss" if dist.all_reduce_max(torch.tensor([float(not torch.isfinite(terms.loss))],
-                                                                   device=info.device)).item() else None
+            nonfinite = (
+                "loss"
+                if dist.all_reduce_max(torch.tensor([float(not torch.isfinite(terms.loss))], device=info.device)).item()
+                else None
+            )
             if not nonfinite:
                 with dist.collective("backward (gradient all-reduce)"):
                     norm, stepped = engine.backward_and_step(terms.loss * factor)
@@ -383,15 +437,21 @@ def _train(config: Config, info: dist.DistInfo, run_dir: Path, ckpt_dir: Path, m
                 with torch.no_grad():
                     for buffer, saved in zip(model.buffers(), statistics):
                         buffer.copy_(saved)
-                where = f"epoch {epoch} step {progress.step + 1}/{steps_per_epoch} (global step {progress.global_step + 1})"
+                where = (
+                    f"epoch {epoch} step {progress.step + 1}/{steps_per_epoch} (global step {progress.global_step + 1})"
+                )
                 if t.nonfinite == "stop":
                     if all(torch.isfinite(p).all() for p in model.parameters()):
                         checkpoint()  # the state before this step: change the config, then resume from it
-                    raise NonFiniteLossError(f"non-finite {nonfinite} at {where}, stopped (train.nonfinite=stop); "
-                                             f"the last good state is {latest_checkpoint(ckpt_dir)}")
+                    raise NonFiniteLossError(
+                        f"non-finite {nonfinite} at {where}, stopped (train.nonfinite=stop); "
+                        f"the last good state is {latest_checkpoint(ckpt_dir)}"
+                    )
                 progress.skipped_steps += 1
-                monitor.log(f"non-finite {nonfinite} at {where}: step skipped ({progress.skipped_steps} so far, "
-                            f"train.nonfinite=skip)")
+                monitor.log(
+                    f"non-finite {nonfinite} at {where}: step skipped ({progress.skipped_steps} so far, "
+                    f"train.nonfinite=skip)"
+                )
             progress.step += 1
             progress.global_step += 1
             seen += len(labels) * info.world_size
@@ -401,18 +461,33 @@ def _train(config: Config, info: dist.DistInfo, run_dir: Path, ckpt_dir: Path, m
             if progress.global_step % t.log_every_steps == 0 or progress.step == steps_per_epoch:
                 elapsed = max(time.time() - tic, 1e-9)
                 rate = seen / elapsed
-                monitor.log(f"epoch {epoch} step {progress.step}/{steps_per_epoch} loss {terms.total.item():.4f} "
-                            f"(ce {terms.ce.item():.4f} circle {terms.circle.item():.4f}) x{factor:.3f} lr {lr:.2e} "
-                            f"{rate:.1f} samples/s")
-                monitor.scalars({"train/loss": terms.total.item(), "train/ce": terms.ce.item(),
-                                 "train/circle": terms.circle.item(), "train/loss_warmup": factor, "train/lr": lr,
-                                 "train/samples_per_s": rate, "train/skipped_steps": progress.skipped_steps,
-                                 "train/bad_samples": progress.bad_samples,
-                                 "train/grad_norm": norm, "train/data_wait_fraction": waited / elapsed,
-                                 "train/step_time_s": elapsed / max(seen / len(labels) / info.world_size, 1),
-                                 "train/peak_memory_mb": peak_memory_mb(info.device)},
-                                progress.global_step)
-            if t.checkpoint_every_steps and progress.global_step % t.checkpoint_every_steps == 0 and progress.step < steps_per_epoch:
+                monitor.log(
+                    f"epoch {epoch} step {progress.step}/{steps_per_epoch} loss {terms.total.item():.4f} "
+                    f"(ce {terms.ce.item():.4f} circle {terms.circle.item():.4f}) x{factor:.3f} lr {lr:.2e} "
+                    f"{rate:.1f} samples/s"
+                )
+                monitor.scalars(
+                    {
+                        "train/loss": terms.total.item(),
+                        "train/ce": terms.ce.item(),
+                        "train/circle": terms.circle.item(),
+                        "train/loss_warmup": factor,
+                        "train/lr": lr,
+                        "train/samples_per_s": rate,
+                        "train/skipped_steps": progress.skipped_steps,
+                        "train/bad_samples": progress.bad_samples,
+                        "train/grad_norm": norm,
+                        "train/data_wait_fraction": waited / elapsed,
+                        "train/step_time_s": elapsed / max(seen / len(labels) / info.world_size, 1),
+                        "train/peak_memory_mb": peak_memory_mb(info.device),
+                    },
+                    progress.global_step,
+                )
+            if (
+                t.checkpoint_every_steps
+                and progress.global_step % t.checkpoint_every_steps == 0
+                and progress.step < steps_per_epoch
+            ):
                 checkpoint()
             last = time.time()
         if average is not None and epoch >= wa_start:
@@ -439,7 +514,9 @@ def _train(config: Config, info: dist.DistInfo, run_dir: Path, ckpt_dir: Path, m
     return {"metrics": metrics, **{k: str(v) for k, v in outputs.items()}}
 
 
-def _evaluate(model: nn.Module, config: Config, info: dist.DistInfo, monitor: Monitor, step: int, tag: str = "eval") -> dict:
+def _evaluate(
+    model: nn.Module, config: Config, info: dist.DistInfo, monitor: Monitor, step: int, tag: str = "eval"
+) -> dict:
     """Evaluate with rank 0's BatchNorm statistics on every rank: DDP broadcasts them only at the
     next forward, so after a step each rank still holds the ones its own batch moved."""
     dist.broadcast_buffers(model)

@@ -59,15 +59,29 @@ def source_samples(root: Path, split: str) -> list[dict]:
     expected = []
     for index, s in enumerate(scan_split(root, split)):
         cloud = read_points(root / s.path)
-        expected.append({"index": index, "xyz": cloud.xyz, "rgb": cloud.rgb, "pid": s.pid, "camid": s.camid,
-                         "label": labels.get(s.pid, -1), "path": s.path})
+        expected.append(
+            {
+                "index": index,
+                "xyz": cloud.xyz,
+                "rgb": cloud.rgb,
+                "pid": s.pid,
+                "camid": s.camid,
+                "label": labels.get(s.pid, -1),
+                "path": s.path,
+            }
+        )
     return expected
 
 
 def assert_sample_equal(sample, want: dict) -> None:
     """A shard `Sample` equals the source sample exactly (float32 colours are lossless)."""
-    assert (sample.index, sample.pid, sample.camid, sample.label, sample.path) == \
-        (want["index"], want["pid"], want["camid"], want["label"], want["path"])
+    assert (sample.index, sample.pid, sample.camid, sample.label, sample.path) == (
+        want["index"],
+        want["pid"],
+        want["camid"],
+        want["label"],
+        want["path"],
+    )
     assert sample.xyz.dtype == np.float32 and sample.rgb.dtype == np.float32
     np.testing.assert_array_equal(sample.xyz, want["xyz"])
     np.testing.assert_array_equal(sample.rgb, want["rgb"])

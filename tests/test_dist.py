@@ -7,8 +7,8 @@ import time
 
 import pytest
 import torch
-
 from dist_scripts.procs import finish, slurm_tasks, start_slurm_tasks, torchrun
+
 from ognet import dist
 from ognet.errors import ConfigError
 
@@ -102,8 +102,9 @@ def test_slurm_master_from_the_node_list_and_job_id(no_launcher, tmp_path):
 
 def test_torchrun_variables_win_over_slurm(no_launcher):
     # `srun torchrun ...`: the task is SLURM task 0 of 1, the worker is torchrun rank 3 of 4.
-    for name, value in dict(SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NTASKS="1",
-                            RANK="3", LOCAL_RANK="1", WORLD_SIZE="4").items():
+    for name, value in dict(
+        SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NTASKS="1", RANK="3", LOCAL_RANK="1", WORLD_SIZE="4"
+    ).items():
         no_launcher.setenv(name, value)
     assert dist._launcher_ranks() == (3, 1, 4)
 

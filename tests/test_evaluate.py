@@ -104,11 +104,15 @@ def checkpoint(tmp_path_factory) -> Path:
 
 def write_config(path: Path, root: Path) -> Path:
     """An eval config as a user writes one: the data to evaluate on and the eval options."""
-    path.write_text(yaml.safe_dump({
-        "data": {"root": str(root), "num_workers": 0},
-        "eval": {"batch_size": 5, "save_features": True},
-        "train": {"collective_timeout_s": 60},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"root": str(root), "num_workers": 0},
+                "eval": {"batch_size": 5, "save_features": True},
+                "train": {"collective_timeout_s": 60},
+            }
+        )
+    )
     return path
 
 
@@ -229,7 +233,9 @@ def reference_features(checkpoint: Path, reader: ShardReader, slim: float = 0.5)
     model = build_model(mc["variant"], mc["num_classes"], **mc["overrides"])
     load_model_state(model, payload["model"], str(checkpoint))
     model.eval()
-    clouds = [transform(s.xyz, s.rgb, TransformConfig(slim=slim), None) for s in (reader[i] for i in range(len(reader)))]
+    clouds = [
+        transform(s.xyz, s.rgb, TransformConfig(slim=slim), None) for s in (reader[i] for i in range(len(reader)))
+    ]
     xyz = torch.from_numpy(np.stack([c[0] for c in clouds]))
     rgb = torch.from_numpy(np.stack([c[1] for c in clouds]))
     f = model(xyz, rgb).feature + model(1.1 * xyz, rgb).feature
@@ -250,8 +256,9 @@ def test_features_and_metrics_equal_an_independent_reference(evaluated, checkpoi
     # the same numbers: rounding-level score changes move no rank here (should a near tie ever
     # make them differ, the message says by how much against the smallest deciding gap)
     shift = np.abs(qf.astype(np.float64) @ gf.T - ref_qf.astype(np.float64) @ ref_gf.T).max()
-    assert metrics == ranking_metrics(ref_qf, ref_gf, query, gallery), \
+    assert metrics == ranking_metrics(ref_qf, ref_gf, query, gallery), (
         f"scores moved by up to {shift:.3g}, the ranking margin is {ranking_margin(qf, gf, query, gallery):.3g}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -264,8 +271,9 @@ def decode_png(encoded: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"))
 
 
-def expected_rank_list(q: int, qf: np.ndarray, gf: np.ndarray, query: ShardReader,
-                       gallery: ShardReader) -> tuple[list[int], float]:
+def expected_rank_list(
+    q: int, qf: np.ndarray, gf: np.ndarray, query: ShardReader, gallery: ShardReader
+) -> tuple[list[int], float]:
     """Top 10 gallery items of query q, junk (same pid and camera, or pid -1) removed, and the
     smallest score gap among the top 11 (float32 scores of the command differ by ~1e-7)."""
     qi, gi = query.index, gallery.index
@@ -306,12 +314,19 @@ def test_result_line_tensorboard_scalars_and_rank_list_pictures(evaluated, reade
         clouds = [query[q]] + [gallery[i] for i in ranked]
         frames = ["query"] + ["match" if gallery.index.pids[i] == query.index.pids[q] else "other" for i in ranked]
         for t, (cloud, frame) in enumerate(zip(clouds, frames)):
-            tile = picture[:, t * tile_w:(t + 1) * tile_w]
-            border = np.concatenate([tile[:BORDER].reshape(-1, 3), tile[-BORDER:].reshape(-1, 3),
-                                     tile[:, :BORDER].reshape(-1, 3), tile[:, -BORDER:].reshape(-1, 3)])
+            tile = picture[:, t * tile_w : (t + 1) * tile_w]
+            border = np.concatenate(
+                [
+                    tile[:BORDER].reshape(-1, 3),
+                    tile[-BORDER:].reshape(-1, 3),
+                    tile[:, :BORDER].reshape(-1, 3),
+                    tile[:, -BORDER:].reshape(-1, 3),
+                ]
+            )
             assert (border == FRAME[frame]).all(), f"query {q}, tile {t}: expected a {frame} frame"
-            assert np.array_equal(tile[BORDER:-BORDER, BORDER:-BORDER], render_cloud(cloud.xyz, cloud.rgb)), \
+            assert np.array_equal(tile[BORDER:-BORDER, BORDER:-BORDER], render_cloud(cloud.xyz, cloud.rgb)), (
                 f"query {q}, tile {t}: not the expected cloud"
+            )
         frames_seen.update(frames)
     assert frames_seen == {"query", "match", "other"}  # both kinds of frame were checked
 
@@ -341,7 +356,14 @@ def eval_error(capsys, *argv: str) -> str:
 
 def test_missing_checkpoint_exits_non_zero_naming_it(tiny_shards, tmp_path):
     missing = tmp_path / "no-such-model.pt"
-    cmd = [sys.executable, EVAL, "--checkpoint", str(missing), f"data.root={tiny_shards}", f"run_dir={tmp_path / 'run'}"]
+    cmd = [
+        sys.executable,
+        EVAL,
+        "--checkpoint",
+        str(missing),
+        f"data.root={tiny_shards}",
+        f"run_dir={tmp_path / 'run'}",
+    ]
     proc = subprocess.run(cmd, env=eval_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert f"ognet-eval: error: {missing}: checkpoint does not exist" in proc.stderr
@@ -364,8 +386,10 @@ def test_unreadable_or_unsafe_checkpoints_are_clear_errors(checkpoint, tiny_shar
 
     marker = tmp_path / "code-ran"
     pickled = tmp_path / "pickled.pt"
-    torch.save({"format": "ognet-checkpoint", "version": 1, "model": {"w": _Payload(marker)},
-                "model_config": MODEL_CONFIG}, pickled)
+    torch.save(
+        {"format": "ognet-checkpoint", "version": 1, "model": {"w": _Payload(marker)}, "model_config": MODEL_CONFIG},
+        pickled,
+    )
     message = eval_error(capsys, "--checkpoint", str(pickled), *common)
     assert f"{pickled}: refused" in message
     assert not marker.exists(), "the pickled payload was executed"
@@ -376,14 +400,19 @@ def test_unreadable_or_unsafe_checkpoints_are_clear_errors(checkpoint, tiny_shar
     assert f"{original}: not an ognet checkpoint" in message and "ognet-import-original" in message
 
     wrong = tmp_path / "wrong-variant.pt"  # weights of ognet-small, config says ognet
-    save_checkpoint(wrong, {"model": load_checkpoint(checkpoint)["model"],
-                            "model_config": {**MODEL_CONFIG, "variant": "ognet"}})
+    save_checkpoint(
+        wrong, {"model": load_checkpoint(checkpoint)["model"], "model_config": {**MODEL_CONFIG, "variant": "ognet"}}
+    )
     message = eval_error(capsys, "--checkpoint", str(wrong), *common)
-    assert f"{wrong}: checkpoint does not fit the model: " in message and "bn.1.weight: checkpoint (96,) vs model (128,)" in message
+    assert (
+        f"{wrong}: checkpoint does not fit the model: " in message
+        and "bn.1.weight: checkpoint (96,) vs model (128,)" in message
+    )
 
     classes = tmp_path / "wrong-classes.pt"  # weights for 8 identities, config says 9
-    save_checkpoint(classes, {"model": load_checkpoint(checkpoint)["model"],
-                              "model_config": {**MODEL_CONFIG, "num_classes": 9}})
+    save_checkpoint(
+        classes, {"model": load_checkpoint(checkpoint)["model"], "model_config": {**MODEL_CONFIG, "num_classes": 9}}
+    )
     message = eval_error(capsys, "--checkpoint", str(classes), *common)
     assert f"{classes}: checkpoint does not fit the model: shape mismatches [" in message
     assert "proj_output.weight: checkpoint (8, 512) vs model (9, 512)" in message
@@ -400,7 +429,9 @@ def test_data_root_without_query_split_names_the_path(checkpoint, tiny_shards, t
 def test_unknown_config_key_is_named(checkpoint, tiny_shards, tmp_path, capsys):
     config = tmp_path / "eval.yaml"
     config.write_text(yaml.safe_dump({"data": {"root": str(tiny_shards)}, "eval": {"batchsize": 8}}))
-    message = eval_error(capsys, "--config", str(config), "--checkpoint", str(checkpoint), f"run_dir={tmp_path / 'run'}")
+    message = eval_error(
+        capsys, "--config", str(config), "--checkpoint", str(checkpoint), f"run_dir={tmp_path / 'run'}"
+    )
     assert "unknown config key eval.batchsize" in message
     message = eval_error(capsys, "--config", str(config), "--checkpoint", str(checkpoint), "eval.batchsize=8")
     assert "unknown config key eval.batchsize" in message
@@ -425,8 +456,11 @@ def test_imported_original_checkpoint_gives_the_same_features(evaluated, checkpo
 
     assert IMPORT_ORIGINAL.exists(), f"console script {IMPORT_ORIGINAL} missing: pip install -e ."
     converted = tmp_path / "imported.pt"
-    run([str(IMPORT_ORIGINAL), str(original), str(converted), "--set", "init_points=64", "--set", "k=4"],
-        env=eval_env(), timeout=120)
+    run(
+        [str(IMPORT_ORIGINAL), str(original), str(converted), "--set", "init_points=64", "--set", "k=4"],
+        env=eval_env(),
+        timeout=120,
+    )
     config = load_checkpoint(converted)["model_config"]
     assert (config["variant"], config["num_classes"]) == ("ognet-small", 751)
     assert {"init_points": 64, "k": 4}.items() <= config["overrides"].items()

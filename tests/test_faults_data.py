@@ -73,7 +73,7 @@ def corrupt(root: Path, split: str, sample: int) -> set[int]:
     path = shard_file(root / split, table["shard"][sample])
     data = bytearray(path.read_bytes())
     middle = offset + length // 2
-    data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
+    data[middle : middle + 16] = bytes(b ^ 0xFF for b in data[middle : middle + 16])
     path.write_bytes(bytes(data))
     return {sample}
 
@@ -94,7 +94,9 @@ def delete(root: Path, split: str, shard: int) -> set[int]:
 BREAK = {"corrupt": corrupt, "truncated": truncate, "missing": delete}
 
 
-def broken_copy(tiny_shards: Path, tmp_path: Path, *faults: tuple[str, tuple[str, int]]) -> tuple[Path, dict[str, set[int]]]:
+def broken_copy(
+    tiny_shards: Path, tmp_path: Path, *faults: tuple[str, tuple[str, int]]
+) -> tuple[Path, dict[str, set[int]]]:
     """A copy of the tiny shards with the faults applied; per split, the unreadable samples."""
     root = tmp_path / "shards"
     shutil.copytree(tiny_shards, root)
@@ -125,8 +127,13 @@ def shard_names(root: Path, split: str, samples: set[int]) -> set[tuple[str, int
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
     """Output (both streams, unbuffered) to `log`; its own session, so a hung run is killed whole."""
     with log.open("w") as out:
-        return subprocess.Popen(cmd, env=clean_env(PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES=""), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            cmd,
+            env=clean_env(PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES=""),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def wait_bounded(proc: subprocess.Popen, log: Path, bound: float = BOUND_S) -> tuple[int, str]:
@@ -145,8 +152,13 @@ def run_bounded(cmd: list[str], log: Path) -> tuple[int, str]:
 
 def torchrun_train(shards: Path, run_dir: Path, *extra: str) -> list[str]:
     """2 ranks, one DataLoader worker each (errors cross a worker process), one epoch."""
-    return [str(TORCHRUN), "--standalone", "--nproc_per_node=2", TRAIN,
-            *train_args(shards, run_dir, "data.num_workers=1", "train.epochs=1", "eval.rank_list_queries=1", *extra)]
+    return [
+        str(TORCHRUN),
+        "--standalone",
+        "--nproc_per_node=2",
+        TRAIN,
+        *train_args(shards, run_dir, "data.num_workers=1", "train.epochs=1", "eval.rank_list_queries=1", *extra),
+    ]
 
 
 def drawn(shards: Path, epoch: int = 0) -> list[list[int]]:
@@ -155,8 +167,14 @@ def drawn(shards: Path, epoch: int = 0) -> list[list[int]]:
     args = train_args(shards, Path("unused"))
     config = load_config(args[1], args[2:])
     table = samples_table(shards / "train_all")
-    sampler = StratifiedSampler(table["label"], table["camid"], global_batch_size=config.train.global_batch_size,
-                                mode=config.sampler.mode, seed=config.train.seed, k=config.sampler.k)
+    sampler = StratifiedSampler(
+        table["label"],
+        table["camid"],
+        global_batch_size=config.train.global_batch_size,
+        mode=config.sampler.mode,
+        seed=config.train.seed,
+        k=config.sampler.k,
+    )
     return [sampler.global_batch(epoch, step).tolist() for step in range(STEPS)]
 
 
@@ -183,8 +201,14 @@ def test_unreadable_training_sample_stops_two_ranks_naming_shard_and_sample(kind
 def test_unreadable_eval_sample_is_an_error_naming_shard_and_sample(kind, checkpoint, tiny_shards, tmp_path, capsys):
     root, bad = broken_copy(tiny_shards, tmp_path, (kind, EVAL_FAULTS[kind]))
     split = EVAL_FAULTS[kind][0]
-    message = eval_error(capsys, "--checkpoint", str(checkpoint), "--config", str(write_config(tmp_path / "e.yaml", root)),
-                         f"run_dir={tmp_path / 'run'}")
+    message = eval_error(
+        capsys,
+        "--checkpoint",
+        str(checkpoint),
+        "--config",
+        str(write_config(tmp_path / "e.yaml", root)),
+        f"run_dir={tmp_path / 'run'}",
+    )
     assert message.startswith("ognet-eval: error: ")
     assert named_samples(message, root) == shard_names(root, split, {min(bad[split])}), message
     assert not (tmp_path / "run" / "metrics-eval.json").exists()
@@ -196,8 +220,18 @@ def test_missing_gallery_shard_stops_two_rank_evaluation_promptly(checkpoint, ti
     rank 0 waits for it in the gather of the gallery features."""
     root, bad = broken_copy(tiny_shards, tmp_path, ("missing", ("gallery", 4)))
     assert min(bad["gallery"]) >= 22
-    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", EVAL, "--checkpoint", str(checkpoint),
-           "--config", str(write_config(tmp_path / "e.yaml", root)), f"run_dir={tmp_path / 'run'}", "data.num_workers=1"]
+    cmd = [
+        str(TORCHRUN),
+        "--standalone",
+        "--nproc_per_node=2",
+        EVAL,
+        "--checkpoint",
+        str(checkpoint),
+        "--config",
+        str(write_config(tmp_path / "e.yaml", root)),
+        f"run_dir={tmp_path / 'run'}",
+        "data.num_workers=1",
+    ]
     tic = time.monotonic()
     rc, output = run_bounded(cmd, tmp_path / "log")
     assert rc != 0 and time.monotonic() - tic < BOUND_S
@@ -253,10 +287,17 @@ def test_skip_training_replaces_and_counts_unreadable_samples(skip_run):
     cumulative = np.cumsum(per_step).tolist()
 
     events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0}).Reload()
-    assert [(e.step, e.value) for e in events.Scalars("train/bad_samples")] == list(zip(range(1, STEPS + 1), cumulative))
+    assert [(e.step, e.value) for e in events.Scalars("train/bad_samples")] == list(
+        zip(range(1, STEPS + 1), cumulative)
+    )
     for step, (n, total) in enumerate(zip(per_step, cumulative)):
-        assert f"epoch 0 step {step}: {n} unreadable samples replaced by others of their identity ({total} so far" in output
-    assert load_checkpoint(checkpoint_steps(run_dir / "checkpoints")[-1][1])["progress"]["bad_samples"] == cumulative[-1]
+        assert (
+            f"epoch 0 step {step}: {n} unreadable samples replaced by others of their identity ({total} so far"
+            in output
+        )
+    assert (
+        load_checkpoint(checkpoint_steps(run_dir / "checkpoints")[-1][1])["progress"]["bad_samples"] == cumulative[-1]
+    )
     # each worker names what it replaced (workers read ahead, so possibly more than was trained on)
     warned = named_samples(output, root, then="; replaced by sample")
     met = {i for batch in batches for i in batch} & bad["train_all"]
@@ -300,8 +341,18 @@ def test_skip_evaluation_leaves_unreadable_samples_out_on_any_world_size(skip_ru
     assert during == {"step": during["step"], **alone, "num_bad_samples": num_bad}
 
     # One plain process (ognet-eval in this process, no DataLoader worker): the same numbers.
-    eval_main(["--checkpoint", str(run_dir / "model_last.pt"), "--config", str(write_config(tmp_path / "e.yaml", root)),
-               f"run_dir={tmp_path / 'plain'}", *SKIP, "eval.batch_size=16", "eval.rank_list_queries=0"])  # as in training
+    eval_main(
+        [
+            "--checkpoint",
+            str(run_dir / "model_last.pt"),
+            "--config",
+            str(write_config(tmp_path / "e.yaml", root)),
+            f"run_dir={tmp_path / 'plain'}",
+            *SKIP,
+            "eval.batch_size=16",
+            "eval.rank_list_queries=0",
+        ]
+    )  # as in training
     plain = metrics_json(tmp_path / "plain")
     assert {k: v for k, v in plain.items() if k != "step"} == {k: v for k, v in during.items() if k != "step"}
 
@@ -315,8 +366,13 @@ def test_killed_dataloader_worker_stops_training_promptly(tiny_shards, tmp_path)
     """(A rank that stops this way leaves the others in a collective: torchrun tears them down, as
     in the tests above.)"""
     log = tmp_path / "log"
-    cmd = [sys.executable, TRAIN, *train_args(tiny_shards, tmp_path / "run", "data.num_workers=1", "train.epochs=1",
-                                             "train.max_steps_per_epoch=0")]  # the whole epoch: 6 steps
+    cmd = [
+        sys.executable,
+        TRAIN,
+        *train_args(
+            tiny_shards, tmp_path / "run", "data.num_workers=1", "train.epochs=1", "train.max_steps_per_epoch=0"
+        ),
+    ]  # the whole epoch: 6 steps
     proc = start(cmd, log)
     try:
         deadline = time.monotonic() + BOUND_S

@@ -33,8 +33,14 @@ TORCHRUN_ENV = clean_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
 
 
 def torchrun_cmd(shards: Path, run_dir: Path, *extra: str, restarts: int = 0) -> list[str]:
-    return [str(TORCHRUN), "--standalone", "--nproc_per_node=2", f"--max-restarts={restarts}", TRAIN,
-            *train_args(shards, run_dir, "train.checkpoint_every_steps=1", "eval.rank_list_queries=0", *extra)]
+    return [
+        str(TORCHRUN),
+        "--standalone",
+        "--nproc_per_node=2",
+        f"--max-restarts={restarts}",
+        TRAIN,
+        *train_args(shards, run_dir, "train.checkpoint_every_steps=1", "eval.rank_list_queries=0", *extra),
+    ]
 
 
 def rank_pids(launcher: int) -> dict[int, int]:
@@ -153,13 +159,19 @@ DIVERGING = ("optim.lr=1e30", "train.epochs=1", "eval.rank_list_queries=0")
 
 def test_a_non_finite_loss_stops_with_a_clear_error_and_the_last_good_state(tiny_shards, tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, TRAIN, *train_args(tiny_shards, run_dir, *DIVERGING)], env=clean_env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, TRAIN, *train_args(tiny_shards, run_dir, *DIVERGING)],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     good = run_dir / "checkpoints" / "step-00000001.pt"
     assert proc.stderr.strip().splitlines()[-1] == (
         "ognet-train: error: non-finite loss at epoch 0 step 2/3 (global step 2), stopped (train.nonfinite=stop); "
-        f"the last good state is {good}")
+        f"the last good state is {good}"
+    )
     assert [step for step, _ in checkpoint_steps(run_dir / "checkpoints")] == [1]
     state = load_checkpoint(good)
     assert state["progress"]["global_step"] == 1 and all(v.isfinite().all() for v in state["model"].values())
@@ -167,11 +179,18 @@ def test_a_non_finite_loss_stops_with_a_clear_error_and_the_last_good_state(tiny
 
 def test_non_finite_steps_are_skipped_counted_and_logged(tiny_shards, tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, TRAIN, *train_args(tiny_shards, run_dir, *DIVERGING, "train.nonfinite=skip")],
-                          env=clean_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, TRAIN, *train_args(tiny_shards, run_dir, *DIVERGING, "train.nonfinite=skip")],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     for n, step in ((1, 2), (2, 3)):
-        assert (f"non-finite loss at epoch 0 step {step}/3 (global step {step}): step skipped ({n} so far, "
-                f"train.nonfinite=skip)") in proc.stdout, proc.stdout[-3000:]
+        assert (
+            f"non-finite loss at epoch 0 step {step}/3 (global step {step}): step skipped ({n} so far, "
+            f"train.nonfinite=skip)"
+        ) in proc.stdout, proc.stdout[-3000:]
     events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0}).Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/skipped_steps")] == [(1, 0), (2, 1), (3, 2)]
     # Skipping cannot mend weights that are already ruined: the evaluation says so instead of ranking NaNs.

@@ -52,16 +52,20 @@ def uninterrupted(tiny_shards, tmp_path_factory) -> Path:
 # A kill while a checkpoint is being written
 
 
-def kill_inside_a_checkpoint_write(proc: subprocess.Popen, folder: Path, first_step: int, log: Path,
-                                   timeout: float = 180) -> tuple[int, Path]:
+def kill_inside_a_checkpoint_write(
+    proc: subprocess.Popen, folder: Path, first_step: int, log: Path, timeout: float = 180
+) -> tuple[int, Path]:
     """SIGKILL `proc` half-way through writing `folder/step-N.pt` for some N >= first_step: its
     temporary file holds some bytes, fewer than the complete checkpoint before it. Returns N and
     the temporary file."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"the writer ended before a write could be caught\n{log.read_text()[-3000:]}"
-        caught = [(int(m.group(1)), p) for p in folder.glob(".step-*.partial")
-                  if (m := PARTIAL.match(p.name)) and int(m.group(1)) >= first_step]
+        caught = [
+            (int(m.group(1)), p)
+            for p in folder.glob(".step-*.partial")
+            if (m := PARTIAL.match(p.name)) and int(m.group(1)) >= first_step
+        ]
         if not caught or not _half_written(*caught[0]):
             time.sleep(0.0005)
             continue
@@ -123,8 +127,7 @@ def test_killed_checkpoint_writer_leaves_the_previous_checkpoint_valid(tmp_path,
 
 
 @pytest.mark.slow
-def test_training_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(tiny_shards, uninterrupted,
-                                                                                  tmp_path):
+def test_training_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(tiny_shards, uninterrupted, tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "killed.log"
     folder = run_dir / "checkpoints"
     cmd = [sys.executable, TRAIN, *train_args(tiny_shards, run_dir, *EVERY_STEP)]
@@ -158,8 +161,9 @@ def test_training_killed_while_writing_a_checkpoint_resumes_from_the_previous_on
 def _mount_failure(disk: Path, size: str) -> str | None:
     if os.geteuid() != 0:
         return "mounting a size-limited tmpfs needs root"
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True, text=True
+    )
     return f"mount -t tmpfs failed ({proc.returncode}): {proc.stderr.strip()}" if proc.returncode else None
 
 
@@ -211,7 +215,8 @@ def test_saving_checkpoints_into_a_full_disk(small_disk):
 
 @pytest.mark.slow
 def test_training_on_a_full_disk_stops_with_a_clear_error_and_resumes_once_there_is_room(
-        small_disk, tiny_shards, uninterrupted):
+    small_disk, tiny_shards, uninterrupted
+):
     # Each checkpoint takes 19 MB: two fit into 48 MB, the third does not.
     run_dir = small_disk("48m") / "run"
     folder = run_dir / "checkpoints"
@@ -219,8 +224,9 @@ def test_training_on_a_full_disk_stops_with_a_clear_error_and_resumes_once_there
     proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, f"{proc.stdout}\n{proc.stderr}"
     last_line = proc.stderr.strip().splitlines()[-1]
-    assert last_line.startswith(f"ognet-train: error: {folder / 'step-00000003.pt'}: not written: no space left "
-                                f"on device ("), proc.stderr[-3000:]
+    assert last_line.startswith(
+        f"ognet-train: error: {folder / 'step-00000003.pt'}: not written: no space left on device ("
+    ), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert not partials(run_dir)
     assert [s for s, _ in checkpoint_steps(folder)] == [1, 2]
@@ -239,8 +245,18 @@ def test_packing_onto_a_full_disk_keeps_the_finished_shards_and_resumes(small_di
     # shards 0 and 1 with their one-page manifests fit, half of shard 2 does
     out = small_disk(f"{(pages[0] + pages[1] + 2 + pages[2] // 2) * PAGE // 1024}k") / "shards"
     folder = out / "train_all"
-    pack = [sys.executable, str(REPO / "shards" / "pack.py"), str(tiny_root), str(out), "--splits", "train_all",
-            "--max-count", str(MAX_COUNT), "--workers", "1"]
+    pack = [
+        sys.executable,
+        str(REPO / "shards" / "pack.py"),
+        str(tiny_root),
+        str(out),
+        "--splits",
+        "train_all",
+        "--max-count",
+        str(MAX_COUNT),
+        "--workers",
+        "1",
+    ]
     proc = subprocess.run(pack, env=clean_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, f"{proc.stdout}\n{proc.stderr}"
     assert f"ognet-pack: error: {folder / shard_name(2)}: not written: no space left on device (" in proc.stderr

@@ -46,8 +46,21 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from ognet.data.points import read_points
-from ognet.data.shards import (INDEX_NAME, Sample, ShardIndex, ShardReader, decode_sample, encode_sample, load_index,
-                               read_npy, read_tar_members, sample_key, shard_name, stream_split, write_shard)
+from ognet.data.shards import (
+    INDEX_NAME,
+    Sample,
+    ShardIndex,
+    ShardReader,
+    decode_sample,
+    encode_sample,
+    load_index,
+    read_npy,
+    read_tar_members,
+    sample_key,
+    shard_name,
+    stream_split,
+    write_shard,
+)
 from ognet.errors import DataError, ShardError
 
 LONG_RUN = int(os.environ.get("OGNET_FUZZ_EXAMPLES", "0"))
@@ -61,8 +74,14 @@ pytestmark = [  # warnings that garbage input earns by design
 
 def fuzz(examples: int):
     """Hypothesis settings: `examples` fixed inputs in CI, `OGNET_FUZZ_EXAMPLES` random ones locally."""
-    return settings(max_examples=LONG_RUN or examples, derandomize=not LONG_RUN, database=None, deadline=None,
-                    print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    return settings(
+        max_examples=LONG_RUN or examples,
+        derandomize=not LONG_RUN,
+        database=None,
+        deadline=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -103,9 +122,9 @@ def mutated(draw, base: bytes, max_edits: int = 4) -> bytes:
         elif kind == "insert":
             data[pos:pos] = draw(st.binary(min_size=1, max_size=16))
         elif kind == "delete":
-            del data[pos:pos + draw(st.integers(1, 64))]
+            del data[pos : pos + draw(st.integers(1, 64))]
         elif kind == "repeat":
-            data[pos:pos] = data[pos:pos + draw(st.integers(1, 64))] * draw(st.integers(1, 8))
+            data[pos:pos] = data[pos : pos + draw(st.integers(1, 64))] * draw(st.integers(1, 8))
     return bytes(data)
 
 
@@ -137,20 +156,63 @@ def write(path: Path, data: bytes) -> Path:
 NUMBER = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
     st.floats(0, 1).map(repr),
-    st.integers(-10**40, 10**40).map(str),
-    st.sampled_from(["nan", "-inf", "inf", "1e999", "-1e999", "1e300", "-0", "1e-400", "0x1p3", "1_0", "+.5e-3",
-                     ".", "-", "1e", "--1", "1,5", "\u0663", "\x00", "1\x00", "NaN(1)", "infinity", "0" * 400]),
+    st.integers(-(10**40), 10**40).map(str),
+    st.sampled_from(
+        [
+            "nan",
+            "-inf",
+            "inf",
+            "1e999",
+            "-1e999",
+            "1e300",
+            "-0",
+            "1e-400",
+            "0x1p3",
+            "1_0",
+            "+.5e-3",
+            ".",
+            "-",
+            "1e",
+            "--1",
+            "1,5",
+            "\u0663",
+            "\x00",
+            "1\x00",
+            "NaN(1)",
+            "infinity",
+            "0" * 400,
+        ]
+    ),
     st.text(max_size=4),
 )
-GOOD_V = st.tuples(st.lists(st.floats(-1e3, 1e3), min_size=3, max_size=3), st.lists(st.floats(0, 1), min_size=3, max_size=3)) \
-    .map(lambda v: "v " + " ".join(map(repr, v[0] + v[1])))
+GOOD_V = st.tuples(
+    st.lists(st.floats(-1e3, 1e3), min_size=3, max_size=3), st.lists(st.floats(0, 1), min_size=3, max_size=3)
+).map(lambda v: "v " + " ".join(map(repr, v[0] + v[1])))
 OBJ_LINE = st.one_of(
-    GOOD_V, GOOD_V, GOOD_V,
+    GOOD_V,
+    GOOD_V,
+    GOOD_V,
     st.lists(NUMBER, max_size=8).map(lambda xs: "v " + " ".join(xs)),
     st.lists(NUMBER, min_size=3, max_size=3).map(lambda xs: "v " + " ".join(xs)),
     st.lists(NUMBER, min_size=6, max_size=6).map(lambda xs: "v  " + "\t".join(xs) + " "),
-    st.sampled_from(["f 1 2 3", "f 1/1 2/2 3/3", "# comment v 1 2 3 4 5 6", "", "   ", "vn 0 0 1", "vt 0.5 0.5",
-                     "v", "v ", "V 1 2 3 0 0 0", "mtllib x.mtl", "o person", "g", "\tv 1 2 3 0 0 0"]),
+    st.sampled_from(
+        [
+            "f 1 2 3",
+            "f 1/1 2/2 3/3",
+            "# comment v 1 2 3 4 5 6",
+            "",
+            "   ",
+            "vn 0 0 1",
+            "vt 0.5 0.5",
+            "v",
+            "v ",
+            "V 1 2 3 0 0 0",
+            "mtllib x.mtl",
+            "o person",
+            "g",
+            "\tv 1 2 3 0 0 0",
+        ]
+    ),
     st.text(max_size=20),
 )
 
@@ -164,7 +226,9 @@ def obj_files(draw) -> bytes:
         data += newline.encode()
     if data and draw(st.integers(0, 3)) == 0:  # bytes that are not UTF-8
         pos = draw(st.integers(0, len(data)))
-        data = data[:pos] + draw(st.binary(min_size=1, max_size=4).filter(lambda b: b"\n" not in b)) + b"\xff" + data[pos:]
+        data = (
+            data[:pos] + draw(st.binary(min_size=1, max_size=4).filter(lambda b: b"\n" not in b)) + b"\xff" + data[pos:]
+        )
     return data
 
 
@@ -198,8 +262,34 @@ def npy_with_header(header: str, body: bytes, version: int = 1) -> bytes:
 
 
 DESCR = st.one_of(
-    st.sampled_from(["<f4", "<f8", ">f4", "<f2", "|u1", "<i8", "|b1", "<c16", "|O", "O", "|V0", "|S0", "<U0", "|S3",
-                     "<U2", "<M8[s]", "|V12", "f4", "float32", "<f16", "xyz", "", "<f4 ", "<i4"]),
+    st.sampled_from(
+        [
+            "<f4",
+            "<f8",
+            ">f4",
+            "<f2",
+            "|u1",
+            "<i8",
+            "|b1",
+            "<c16",
+            "|O",
+            "O",
+            "|V0",
+            "|S0",
+            "<U0",
+            "|S3",
+            "<U2",
+            "<M8[s]",
+            "|V12",
+            "f4",
+            "float32",
+            "<f16",
+            "xyz",
+            "",
+            "<f4 ",
+            "<i4",
+        ]
+    ),
     st.just([("x", "<f4"), ("y", "<f4"), ("z", "<f4")]),
     st.just([("a", "|O")]),
     st.just(("<f4", (2**40,))),
@@ -209,11 +299,16 @@ DESCR = st.one_of(
     st.just(3),
 )
 DIM = st.one_of(st.integers(0, 12), st.sampled_from([-1, -2, 2**31, 2**40, 2**63, 2**64 + 1, 10**30]))
-HEADER_DICT = st.fixed_dictionaries({
-    "descr": DESCR,
-    "fortran_order": st.one_of(st.booleans(), st.sampled_from([0, 1, None, "False"])),
-    "shape": st.one_of(st.lists(DIM, max_size=4).map(tuple), st.just((1,) * 70), st.just([4, 6]), st.just(6), st.just((2.0, 6))),
-}, optional={"extra": st.just(1)})
+HEADER_DICT = st.fixed_dictionaries(
+    {
+        "descr": DESCR,
+        "fortran_order": st.one_of(st.booleans(), st.sampled_from([0, 1, None, "False"])),
+        "shape": st.one_of(
+            st.lists(DIM, max_size=4).map(tuple), st.just((1,) * 70), st.just([4, 6]), st.just(6), st.just((2.0, 6))
+        ),
+    },
+    optional={"extra": st.just(1)},
+)
 
 
 @st.composite
@@ -224,18 +319,36 @@ def npy_payloads(draw) -> bytes:
         n = draw(st.integers(0, 5))
         cols = draw(st.sampled_from([6, 6, 3, 4]))
         dtype = draw(st.sampled_from([np.float32, np.float64, np.uint8, np.int64, np.float16]))
-        array = np.asarray(draw(st.lists(st.floats(0, 1), min_size=n * cols, max_size=n * cols)), dtype).reshape(n, cols)
+        array = np.asarray(draw(st.lists(st.floats(0, 1), min_size=n * cols, max_size=n * cols)), dtype).reshape(
+            n, cols
+        )
         if draw(st.booleans()):
             array = np.asfortranarray(array)
         data = npy(array, draw(st.sampled_from([(1, 0), (2, 0)])))
     else:
         header = draw(HEADER_DICT)
-        text = repr(header) if kind == "header" else draw(st.sampled_from([
-            repr(header), "{", "[]", "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 6), }" + "(" * 300,
-            "{'descr': '<f4', 'fortran_order': False, 'shape': (2L, 6L), }", "{[1]: 2}", "{'a': {[]: 1}}",
-            "-" * 5000 + "1", "1" * 5000, "{'descr': '<f4', 'fortran_order': False, 'shape': (" + "9" * 5000 + ",)}",
-            "\x00", "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 6), 'descr': 'O'}",
-        ]))
+        text = (
+            repr(header)
+            if kind == "header"
+            else draw(
+                st.sampled_from(
+                    [
+                        repr(header),
+                        "{",
+                        "[]",
+                        "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 6), }" + "(" * 300,
+                        "{'descr': '<f4', 'fortran_order': False, 'shape': (2L, 6L), }",
+                        "{[1]: 2}",
+                        "{'a': {[]: 1}}",
+                        "-" * 5000 + "1",
+                        "1" * 5000,
+                        "{'descr': '<f4', 'fortran_order': False, 'shape': (" + "9" * 5000 + ",)}",
+                        "\x00",
+                        "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 6), 'descr': 'O'}",
+                    ]
+                )
+            )
+        )
         body = draw(st.one_of(st.binary(max_size=64), st.just(bytes(48)), st.just(bytes(4 * 12))))
         data = npy_with_header(text + "\n", body, draw(st.sampled_from([1, 1, 2, 3, 0, 255])))
     if draw(st.integers(0, 2)) == 0:
@@ -262,8 +375,22 @@ def test_npy_file(work, data):
     expect_clean(write(work / "p.npy", data))
 
 
-NPZ_NAMES = st.sampled_from(["xyz.npy", "rgb.npy", "points.npy", "xyz", "rgb", "points", "other.npy", "points.npy.npy",
-                             "../xyz.npy", "/abs.npy", "dir/", ""])
+NPZ_NAMES = st.sampled_from(
+    [
+        "xyz.npy",
+        "rgb.npy",
+        "points.npy",
+        "xyz",
+        "rgb",
+        "points",
+        "other.npy",
+        "points.npy.npy",
+        "../xyz.npy",
+        "/abs.npy",
+        "dir/",
+        "",
+    ]
+)
 COMPRESSIONS = st.sampled_from([zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
 
 
@@ -299,6 +426,7 @@ def test_npz_file(work, data):
 @pytest.fixture(scope="module")
 def ply_bases(work) -> list[bytes]:
     import open3d as o3d  # a dependency; imported here as read_points does, it costs ~1 s
+
     rng = np.random.default_rng(0)
     cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(rng.random((12, 3))))
     cloud.colors = o3d.utility.Vector3dVector(rng.random((12, 3)))
@@ -310,8 +438,25 @@ def ply_bases(work) -> list[bytes]:
     return bases
 
 
-HEADER_NUMBER = st.sampled_from([b"0", b"1", b"11", b"13", b"-1", b"+12", b"1e3", b"0x10", b"1000000", b"1000000000",
-                                 b"4294967308", b"9223372036854775807", b"99999999999999999999", b"", b"12 12"])
+HEADER_NUMBER = st.sampled_from(
+    [
+        b"0",
+        b"1",
+        b"11",
+        b"13",
+        b"-1",
+        b"+12",
+        b"1e3",
+        b"0x10",
+        b"1000000",
+        b"1000000000",
+        b"4294967308",
+        b"9223372036854775807",
+        b"99999999999999999999",
+        b"",
+        b"12 12",
+    ]
+)
 
 
 @st.composite
@@ -320,8 +465,17 @@ def ply_files(draw, bases: list[bytes]) -> bytes:
     if draw(st.booleans()):  # edit the header's vertex count or a property type
         data = data.replace(b"element vertex 12", b"element vertex " + draw(HEADER_NUMBER), 1)
         if draw(st.booleans()):
-            data = data.replace(b"property double x", b"property " + draw(st.sampled_from(
-                [b"list uchar double", b"list uint double", b"char", b"int", b"float", b"bogus", b""])) + b" x", 1)
+            data = data.replace(
+                b"property double x",
+                b"property "
+                + draw(
+                    st.sampled_from(
+                        [b"list uchar double", b"list uint double", b"char", b"int", b"float", b"bogus", b""]
+                    )
+                )
+                + b" x",
+                1,
+            )
     if draw(st.booleans()):
         data = draw(mutated(data))
     return data
@@ -347,8 +501,9 @@ WHERE = "shard-000000.tar, sample 0"
 def one_sample(index: int = 0, n: int = 8, colors: str = "float32") -> list[tuple[str, bytes]]:
     rng = np.random.default_rng(index)
     meta = {"pid": 7, "camid": 2, "label": 0, "path": f"7/img{index}.jpg.obj"}
-    return encode_sample(index, rng.normal(size=(n, 3)).astype(np.float32), rng.random((n, 3)).astype(np.float32),
-                         meta, colors)
+    return encode_sample(
+        index, rng.normal(size=(n, 3)).astype(np.float32), rng.random((n, 3)).astype(np.float32), meta, colors
+    )
 
 
 @pytest.fixture(scope="module")
@@ -356,7 +511,7 @@ def sample_tar(work) -> bytes:
     """The bytes `ShardReader` hands to `read_tar_members` for one sample, from a real shard."""
     path = work / shard_name(0)
     _, [[offset, length, _]] = write_shard(path, [one_sample()])
-    return path.read_bytes()[offset:offset + length]
+    return path.read_bytes()[offset : offset + length]
 
 
 def with_checksum(header: bytearray) -> bytearray:
@@ -370,25 +525,62 @@ def header_edits(draw, data: bytes) -> bytes:
     """Edit one field of one member header, then (usually) fix the header checksum so the edit is seen."""
     starts = [0]
     while starts[-1] + 512 <= len(data):
-        size = int(data[starts[-1] + 124:starts[-1] + 136].strip(b"\0 ") or b"0", 8)
+        size = int(data[starts[-1] + 124 : starts[-1] + 136].strip(b"\0 ") or b"0", 8)
         starts.append(starts[-1] + 512 + -(-size // 512) * 512)
     out = bytearray(data)
     pos = draw(st.sampled_from(starts[:-1]))
-    header = out[pos:pos + 512]
+    header = out[pos : pos + 512]
     field = draw(st.sampled_from(["name", "type", "size", "prefix", "mode", "magic", "checksum", "linkname"]))
     if field == "name":
-        name = draw(st.sampled_from([b"../00000000.json", b"/etc/passwd", b"a/00000000.json", b".hidden", b"..", b".",
-                                     b"", b"00000000\xff.json", b"00000000.json", b"00000001.json", b"00000000",
-                                     b"00000000.xyz.npy", b"00000000.rgb.npy", b"x" * 100, b"a\\b"]))
+        name = draw(
+            st.sampled_from(
+                [
+                    b"../00000000.json",
+                    b"/etc/passwd",
+                    b"a/00000000.json",
+                    b".hidden",
+                    b"..",
+                    b".",
+                    b"",
+                    b"00000000\xff.json",
+                    b"00000000.json",
+                    b"00000001.json",
+                    b"00000000",
+                    b"00000000.xyz.npy",
+                    b"00000000.rgb.npy",
+                    b"x" * 100,
+                    b"a\\b",
+                ]
+            )
+        )
         header[:100] = name[:100].ljust(100, b"\0")
     elif field == "type":
-        header[156:157] = draw(st.sampled_from([b"1", b"2", b"3", b"4", b"5", b"6", b"7", b"x", b"g", b"L", b"K",
-                                                b"\0", b"0", b"\xff"]))
+        header[156:157] = draw(
+            st.sampled_from([b"1", b"2", b"3", b"4", b"5", b"6", b"7", b"x", b"g", b"L", b"K", b"\0", b"0", b"\xff"])
+        )
     elif field == "size":
-        header[124:136] = draw(st.sampled_from([
-            b"%011o\0" % (2**33 - 1), b"77777777777\0", b"-0000000001\0", b"-1\0", b"\x80" + bytes(10) + b"\x01",
-            b"\xff" * 12, b"00000000000\0", b"0000000001\0\0", b"9\0", b"1_0\0", b"+00000000010", b"   \0",
-            b"%011o\0" % (256 * 2**20), b"%011o\0" % (256 * 2**20 + 1), b"0o10\0", b" 1 2\0"]))[:12].ljust(12, b"\0")
+        header[124:136] = draw(
+            st.sampled_from(
+                [
+                    b"%011o\0" % (2**33 - 1),
+                    b"77777777777\0",
+                    b"-0000000001\0",
+                    b"-1\0",
+                    b"\x80" + bytes(10) + b"\x01",
+                    b"\xff" * 12,
+                    b"00000000000\0",
+                    b"0000000001\0\0",
+                    b"9\0",
+                    b"1_0\0",
+                    b"+00000000010",
+                    b"   \0",
+                    b"%011o\0" % (256 * 2**20),
+                    b"%011o\0" % (256 * 2**20 + 1),
+                    b"0o10\0",
+                    b" 1 2\0",
+                ]
+            )
+        )[:12].ljust(12, b"\0")
     elif field == "prefix":
         header[345:500] = draw(st.sampled_from([b"dir", b"..", b"\xff"])).ljust(155, b"\0")
     elif field == "mode":
@@ -398,10 +590,12 @@ def header_edits(draw, data: bytes) -> bytes:
     elif field == "linkname":
         header[157:257] = b"/etc/passwd".ljust(100, b"\0")
     if field == "checksum":
-        header[148:156] = draw(st.sampled_from([b"0000000\0", b"\xff" * 8, b"-1\0\0\0\0\0\0", b"77777777", b"        "]))
+        header[148:156] = draw(
+            st.sampled_from([b"0000000\0", b"\xff" * 8, b"-1\0\0\0\0\0\0", b"77777777", b"        "])
+        )
     elif draw(st.integers(0, 5)):
         header = with_checksum(header)
-    out[pos:pos + 512] = header
+    out[pos : pos + 512] = header
     return bytes(out)
 
 
@@ -439,7 +633,10 @@ def test_tar_members_header_edits(sample_tar, data):
 
 
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True, allow_infinity=True)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
     | st.text(max_size=6),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
     max_leaves=8,
@@ -477,7 +674,9 @@ def test_decode_sample(data):
         members[f"{key}.json"] = data.draw(meta_members())
     elif field == "name":
         name = data.draw(st.sampled_from(list(members)))
-        members[data.draw(st.sampled_from([f"{key}", f"{key}.", "00000001.json", f"{key}.other", "x.json"]))] = members.pop(name)
+        members[data.draw(st.sampled_from([f"{key}", f"{key}.", "00000001.json", f"{key}.other", "x.json"]))] = (
+            members.pop(name)
+        )
     else:
         members[f"{key}.{field}"] = data.draw(st.one_of(npy_payloads(), st.binary(max_size=40)))
     try:
@@ -512,16 +711,26 @@ def split(work) -> tuple[Path, dict[str, bytes], list[Sample]]:
         entries.append(entry)
         locations += locs
         shard_ids += [shard] * count
-    ShardIndex(split="query", shards=entries, pids=np.array([s.pid for s in want]),
-               camids=np.array([s.camid for s in want]), labels=np.array([s.label for s in want]),
-               paths=[s.path for s in want], shard_ids=np.array(shard_ids), locations=np.array(locations),
-               label_map={7: 0}).save(folder)
+    ShardIndex(
+        split="query",
+        shards=entries,
+        pids=np.array([s.pid for s in want]),
+        camids=np.array([s.camid for s in want]),
+        labels=np.array([s.label for s in want]),
+        paths=[s.path for s in want],
+        shard_ids=np.array(shard_ids),
+        locations=np.array(locations),
+        label_map={7: 0},
+    ).save(folder)
     return folder, {p.name: p.read_bytes() for p in folder.iterdir()}, want
 
 
 def same_sample(a: Sample, b: Sample) -> bool:
-    return (a.index, a.pid, a.camid, a.label, a.path) == (b.index, b.pid, b.camid, b.label, b.path) \
-        and np.array_equal(a.xyz, b.xyz) and np.array_equal(a.rgb, b.rgb)
+    return (
+        (a.index, a.pid, a.camid, a.label, a.path) == (b.index, b.pid, b.camid, b.label, b.path)
+        and np.array_equal(a.xyz, b.xyz)
+        and np.array_equal(a.rgb, b.rgb)
+    )
 
 
 def test_the_split_reads_back(split):
@@ -558,8 +767,14 @@ def index_documents(draw, base: dict) -> bytes:
             elif draw(st.integers(0, 3)) == 0 and isinstance(parent, dict):
                 parent.pop(path[-1], None)
             else:
-                parent[path[-1]] = draw(st.one_of(JSON, st.sampled_from([-1, 2**62, 10**13, 2**63, 10**30, 1e300,
-                                                                         float("nan"), "1", [], {}, [[0, 0, 0]]])))
+                parent[path[-1]] = draw(
+                    st.one_of(
+                        JSON,
+                        st.sampled_from(
+                            [-1, 2**62, 10**13, 2**63, 10**30, 1e300, float("nan"), "1", [], {}, [[0, 0, 0]]]
+                        ),
+                    )
+                )
         except (KeyError, IndexError, TypeError):  # an earlier edit removed or replaced this path
             pass
     return json.dumps(doc).encode()
@@ -611,10 +826,10 @@ def shard_damage(draw, files: dict[str, bytes]) -> dict[str, bytes]:
         if kind == "bytes":
             pos = draw(st.integers(0, len(data) - 1))
             patch = draw(st.binary(min_size=1, max_size=8))
-            data[pos:pos + len(patch)] = patch
-            del data[len(out[name]):]  # keep the size: the index's byte count still matches
+            data[pos : pos + len(patch)] = patch
+            del data[len(out[name]) :]  # keep the size: the index's byte count still matches
         elif kind == "truncate":
-            del data[draw(st.integers(0, len(data) - 1)):]
+            del data[draw(st.integers(0, len(data) - 1)) :]
         else:
             data += draw(st.binary(min_size=1, max_size=600))
         out[name] = bytes(data)
@@ -631,7 +846,7 @@ def write_damaged_split(target: Path, files: dict[str, bytes], data) -> tuple[Pa
 
 
 def changed(before: bytes, after: bytes, offset: int, length: int) -> bool:
-    return before[offset:offset + length] != after[offset:offset + length]
+    return before[offset : offset + length] != after[offset : offset + length]
 
 
 @fuzz(150)

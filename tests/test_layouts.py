@@ -130,22 +130,34 @@ def test_labels_are_the_index_of_the_pid_in_the_sorted_training_pids(tmp_path):
 
 def test_training_pid_comes_from_the_folder_test_pid_from_the_name(tmp_path):
     """The original labels training images by folder (ImageFolder) and test images by file name."""
-    root = make_tree(tmp_path, {
-        "train_all/0005": ["0009_c1s1_000101_01.jpg.obj"],
-        "val/0006": ["0008_c2s1_000101_01.jpg.obj"],
-        "query/0005": ["0009_c1s1_000101_01.jpg.obj"],
-    })
+    root = make_tree(
+        tmp_path,
+        {
+            "train_all/0005": ["0009_c1s1_000101_01.jpg.obj"],
+            "val/0006": ["0008_c2s1_000101_01.jpg.obj"],
+            "query/0005": ["0009_c1s1_000101_01.jpg.obj"],
+        },
+    )
     assert scan_split(root, "train_all") == [Sample("train_all/0005/0009_c1s1_000101_01.jpg.obj", 5, 1)]
     assert scan_split(root, "val")[0].pid == 6
     assert scan_split(root, "query")[0].pid == 9
 
 
-@pytest.mark.parametrize("scheme,files,expected", [
-    ("duke", {"train_all/0005": ["0005_c2_f0046985.jpg.obj", "0005_c8_f0000001.jpg.obj"]}, [(5, 2), (5, 8)]),
-    ("msmt", {"train_all/0000": ["0000_000_01_0303morning_0015_0.jpg.obj"],
-              "train_all/1040": ["1040_025_15_0113noon_0964_3.jpg.obj"]}, [(0, 1), (1040, 15)]),
-    ("cuhk", {"train_all/0001": ["0001_c1_1.png.obj", "0001_c2_6.png.obj"]}, [(1, 1), (1, 2)]),
-])
+@pytest.mark.parametrize(
+    "scheme,files,expected",
+    [
+        ("duke", {"train_all/0005": ["0005_c2_f0046985.jpg.obj", "0005_c8_f0000001.jpg.obj"]}, [(5, 2), (5, 8)]),
+        (
+            "msmt",
+            {
+                "train_all/0000": ["0000_000_01_0303morning_0015_0.jpg.obj"],
+                "train_all/1040": ["1040_025_15_0113noon_0964_3.jpg.obj"],
+            },
+            [(0, 1), (1040, 15)],
+        ),
+        ("cuhk", {"train_all/0001": ["0001_c1_1.png.obj", "0001_c2_6.png.obj"]}, [(1, 1), (1, 2)]),
+    ],
+)
 def test_other_schemes_detected_and_explicit(tmp_path, scheme, files, expected):
     root = make_tree(tmp_path, files)
     assert [(s.pid, s.camid) for s in scan_split(root, "train_all")] == expected
@@ -162,7 +174,10 @@ def test_bad_file_name_in_a_split_names_the_file(tmp_path):
 
 def test_non_integer_training_folder(tmp_path):
     root = make_tree(tmp_path, {"train_all/person2": ["0002_c1s1_000451_03.jpg.obj"]})
-    with pytest.raises(DataError, match=f"^{re.escape(str(tmp_path / 'train_all' / 'person2'))}: identity folder name is not an integer"):
+    with pytest.raises(
+        DataError,
+        match=f"^{re.escape(str(tmp_path / 'train_all' / 'person2'))}: identity folder name is not an integer",
+    ):
         scan_split(root, "train_all")
 
 

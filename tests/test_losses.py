@@ -6,8 +6,8 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-
 from dist_scripts.procs import python, torchrun
+
 from ognet.errors import ConfigError
 from ognet.losses import LossWarmup, ReidLoss, circle_loss, circle_loss_per_anchor
 
@@ -37,8 +37,9 @@ def circle_loss_per_anchor_loop(features, labels, m, gamma):
         logit_p = [-gamma * torch.clamp_min(1 + m - s.detach(), 0) * (s - (1 - m)) for s, same in sims if same]
         logit_n = [gamma * torch.clamp_min(s.detach() + m, 0) * (s - m) for s, same in sims if not same]
         if logit_p and logit_n:
-            per_anchor.append(F.softplus(torch.logsumexp(torch.stack(logit_p), 0)
-                                         + torch.logsumexp(torch.stack(logit_n), 0)))
+            per_anchor.append(
+                F.softplus(torch.logsumexp(torch.stack(logit_p), 0) + torch.logsumexp(torch.stack(logit_n), 0))
+            )
     return torch.stack(per_anchor).mean()
 
 
@@ -54,8 +55,10 @@ def batch(seed, n=10, dim=5, num_ids=4):
 @pytest.mark.parametrize("seed,m,gamma", [(0, 0.25, 64.0), (1, 0.25, 32.0), (2, 0.4, 80.0), (3, 0.1, 1.0)])
 @pytest.mark.parametrize("form", ["global", "per_anchor"])
 def test_circle_loss_matches_a_loop_in_value_and_gradient(seed, m, gamma, form):
-    fast, loop = {"global": (circle_loss, circle_loss_loop),
-                  "per_anchor": (circle_loss_per_anchor, circle_loss_per_anchor_loop)}[form]
+    fast, loop = {
+        "global": (circle_loss, circle_loss_loop),
+        "per_anchor": (circle_loss_per_anchor, circle_loss_per_anchor_loop),
+    }[form]
     features, labels = batch(seed)
     a = features.clone().requires_grad_()
     b = features.clone().requires_grad_()
@@ -80,8 +83,9 @@ def test_circle_loss_is_a_backwardable_zero_without_positive_or_negative_pairs(f
 def test_per_anchor_form_skips_anchors_without_a_positive():
     features, labels = batch(4)
     labels = torch.tensor([0, 0, 1, 1, 2, 3, 4, 5, 6, 7])  # anchors 4..9 have no positive
-    torch.testing.assert_close(circle_loss_per_anchor(features, labels),
-                               circle_loss_per_anchor_loop(features, labels.tolist(), 0.25, 64.0))
+    torch.testing.assert_close(
+        circle_loss_per_anchor(features, labels), circle_loss_per_anchor_loop(features, labels.tolist(), 0.25, 64.0)
+    )
 
 
 def test_reid_loss_single_process():

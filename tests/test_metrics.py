@@ -52,7 +52,7 @@ def reference(qf, ql, qc, gf, gl, gc, ap="trapezoid"):
             continue
         index = index[np.isin(index, junk_index, invert=True)]  # np.in1d in the original
         rows_good = np.argwhere(np.isin(index, good_index)).flatten()
-        cmc[rows_good[0]:] = 1
+        cmc[rows_good[0] :] = 1
         ngood = len(good_index)
         ap_value = 0.0
         for i in range(ngood):
@@ -221,10 +221,12 @@ def test_float32_results_do_not_depend_on_slicing_or_threads():
     gp, gc = torch.randint(0, 10, (20000,), generator=g), torch.randint(0, 6, (20000,), generator=g)
     whole = rank_queries(qf, qp, qc, gf, gp, gc)
     for bounds, chunk_size in (([0, 1, 3, 40], None), ([0, 7, 40], 5), ([0, 40], 1)):
-        parts = PerQueryResult.cat([
-            rank_queries(qf[a:b], qp[a:b], qc[a:b], gf, gp, gc, chunk_size=chunk_size)
-            for a, b in zip(bounds, bounds[1:])
-        ])
+        parts = PerQueryResult.cat(
+            [
+                rank_queries(qf[a:b], qp[a:b], qc[a:b], gf, gp, gc, chunk_size=chunk_size)
+                for a, b in zip(bounds, bounds[1:])
+            ]
+        )
         assert torch.equal(parts.ap, whole.ap) and torch.equal(parts.first_good, whole.first_good)
     torch.set_num_threads(2)
     assert torch.equal(rank_queries(qf, qp, qc, gf, gp, gc, chunk_size=7).ap, whole.ap)
@@ -273,8 +275,12 @@ def test_property_matches_reference(seed, num_query, num_gallery, num_pids, inte
 def valid_inputs():
     qf, ql, qc, gf, gl, gc = hand_worked_example()
     return dict(
-        query_features=qf, query_pids=ql, query_camids=qc,
-        gallery_features=gf, gallery_pids=gl, gallery_camids=gc,
+        query_features=qf,
+        query_pids=ql,
+        query_camids=qc,
+        gallery_features=gf,
+        gallery_pids=gl,
+        gallery_camids=gc,
     )
 
 
@@ -292,8 +298,13 @@ def valid_inputs():
         (dict(query_features=np.ones((4, 2))), "dimension 2 but gallery features 1"),
         (dict(query_features=np.array([[1.0], [np.nan], [1.0], [1.0]])), "NaN or inf (first at row 1)"),
         (dict(gallery_features=np.array([[1.0]] * 7 + [[np.inf]])), "gallery features contain NaN or inf"),
-        (dict(query_features=np.full((4, 1), 1e30, dtype=np.float32),
-              gallery_features=np.full((8, 1), 1e30, dtype=np.float32)), "too large"),
+        (
+            dict(
+                query_features=np.full((4, 1), 1e30, dtype=np.float32),
+                gallery_features=np.full((8, 1), 1e30, dtype=np.float32),
+            ),
+            "too large",
+        ),
     ],
 )
 def test_bad_input_is_a_data_error(change, message):
@@ -339,6 +350,9 @@ def test_input_types():
     for features in (inputs["gallery_features"][::-1][::-1], torch.from_numpy(inputs["gallery_features"])):
         assert evaluate_ranking(**{**inputs, "gallery_features": features}) == expected
     # Integer and float16 features (whose range difference overflows float16) are ranked in float32.
-    large = {**inputs, "query_features": np.array([[6e4], [-6e4], [1], [1]], dtype=np.float16),
-             "gallery_features": (inputs["gallery_features"] * 10).astype(np.int64) - 4}
+    large = {
+        **inputs,
+        "query_features": np.array([[6e4], [-6e4], [1], [1]], dtype=np.float16),
+        "gallery_features": (inputs["gallery_features"] * 10).astype(np.int64) - 4,
+    }
     assert evaluate_ranking(**large)["num_queries"] == 4

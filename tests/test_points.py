@@ -26,7 +26,9 @@ def cloud(n: int = N, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def obj_text(xyz: np.ndarray, rgb: np.ndarray) -> str:
-    return "".join(f"v {x!r} {y!r} {z!r} {r!r} {g!r} {b!r}\n" for (x, y, z), (r, g, b) in zip(xyz.tolist(), rgb.tolist()))
+    return "".join(
+        f"v {x!r} {y!r} {z!r} {r!r} {g!r} {b!r}\n" for (x, y, z), (r, g, b) in zip(xyz.tolist(), rgb.tolist())
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -34,13 +36,15 @@ def obj_text(xyz: np.ndarray, rgb: np.ndarray) -> str:
 
 
 def test_obj_is_read_in_file_order_ignoring_faces_comments_and_other_lines(tmp_path):
-    text = ("# written by hmr\nmtllib none.mtl\n"
-            "v 0.5 -1.25 2 1 0 0.5\n"
-            "vn 0 0 1\nvt 0.1 0.2\n"
-            "v -3 4e-3 1e2 0.25 0.75 1\r\n"  # CRLF lines are fine too
-            "\n"
-            "v 7 8 9 0 0 0\n"
-            "f 1 2 3\n")
+    text = (
+        "# written by hmr\nmtllib none.mtl\n"
+        "v 0.5 -1.25 2 1 0 0.5\n"
+        "vn 0 0 1\nvt 0.1 0.2\n"
+        "v -3 4e-3 1e2 0.25 0.75 1\r\n"  # CRLF lines are fine too
+        "\n"
+        "v 7 8 9 0 0 0\n"
+        "f 1 2 3\n"
+    )
     (tmp_path / "a.jpg.obj").write_text(text)
     c = read_points(tmp_path / "a.jpg.obj")
     assert c.xyz.dtype == np.float32 and c.rgb.dtype == np.float32
@@ -148,6 +152,7 @@ def write_text(text: str, name: str = "p.jpg.obj"):
     def make(d: Path) -> Path:
         (d / name).write_text(text)
         return d / name
+
     return make
 
 
@@ -155,6 +160,7 @@ def write_npy(array: np.ndarray, name: str = "p.npy", **kwargs):
     def make(d: Path) -> Path:
         np.save(d / name, array, **kwargs)
         return d / name
+
     return make
 
 
@@ -162,6 +168,7 @@ def write_npz(name: str = "p.npz", **arrays):
     def make(d: Path) -> Path:
         np.savez(d / name, **arrays)
         return d / name
+
     return make
 
 
@@ -169,6 +176,7 @@ def write_bytes(data: bytes, name: str):
     def make(d: Path) -> Path:
         (d / name).write_bytes(data)
         return d / name
+
     return make
 
 
@@ -176,6 +184,7 @@ def directory(name: str):
     def make(d: Path) -> Path:
         (d / name).mkdir()
         return d / name
+
     return make
 
 
@@ -199,7 +208,10 @@ BAD_INPUTS = {
     "obj unparsable number": (write_text(GOOD_V + "v 1 2 x 0.5 0.5 0.5\n"), "unparsable vertex line"),
     "obj NaN coordinate": (write_text(GOOD_V * 3 + "v 1 nan 3 0.5 0.5 0.5\n"), "point 3 has a NaN or infinite"),
     "obj infinite coordinate": (write_text("v inf 0 0 0.5 0.5 0.5\n" + GOOD_V), "point 0 has a NaN or infinite"),
-    "obj colour above 1": (write_text(GOOD_V + "v 0 0 0 0.5 255 0.5\n"), "point 1 has colour [0.5, 255.0, 0.5] outside [0, 1]"),
+    "obj colour above 1": (
+        write_text(GOOD_V + "v 0 0 0 0.5 255 0.5\n"),
+        "point 1 has colour [0.5, 255.0, 0.5] outside [0, 1]",
+    ),
     "obj colour below 0": (write_text("v 0 0 0 -0.1 0.5 0.5\n"), "outside [0, 1]"),
     "obj NaN colour": (write_text("v 0 0 0 nan 0.5 0.5\n"), "outside [0, 1]"),
     "npy without colours": (write_npy(np.zeros((4, 3))), "no colours"),
@@ -210,12 +222,18 @@ BAD_INPUTS = {
     "npy colour above 1": (write_npy(np.array([[0, 0, 0, 0, 0, 1.5]])), "outside [0, 1]"),
     "npy strings": (write_npy(np.array([["1"] * 6])), "expected real numbers"),
     "npy complex": (write_npy(np.zeros((2, 6), dtype=complex)), "expected real numbers"),
-    "npy pickled object array": (write_npy(np.array([[0] * 6], dtype=object), allow_pickle=True), "not a plain numeric array"),
+    "npy pickled object array": (
+        write_npy(np.array([[0] * 6], dtype=object), allow_pickle=True),
+        "not a plain numeric array",
+    ),
     "npy a pickle": (write_bytes(pickle.dumps(np.zeros((2, 6))), "p.npy"), "not a plain numeric array"),
     "npy empty file": (write_bytes(b"", "p.npy"), "not a plain numeric array"),
     "npy truncated": (truncated_npy, "not a plain numeric array"),
     "npz not a zip": (write_bytes(b"PK\x03\x04 not really a zip", "p.npz"), "not a plain numeric array"),
-    "npz pickled member": (write_npz(xyz=np.zeros((2, 3), dtype=object), rgb=np.zeros((2, 3))), "not a plain numeric array"),
+    "npz pickled member": (
+        write_npz(xyz=np.zeros((2, 3), dtype=object), rgb=np.zeros((2, 3))),
+        "not a plain numeric array",
+    ),
     "npz wrong keys": (write_npz(coords=np.zeros((2, 3))), "expected arrays 'xyz' and 'rgb'"),
     "npz xyz only": (write_npz(xyz=np.zeros((2, 3))), "expected arrays 'xyz' and 'rgb'"),
     "npz shape mismatch": (write_npz(xyz=np.zeros((3, 3)), rgb=np.zeros((2, 3))), "colours have shape (2, 3)"),
@@ -248,7 +266,9 @@ def test_ply_and_pcd_without_colours(tmp_path, suffix):
 def test_file_over_the_size_limit(tmp_path):
     path = tmp_path / "big.npy"
     np.save(path, np.zeros((1000, 6)))
-    with pytest.raises(DataError, match=f"^{re.escape(str(path))}: file is .* bytes, more than the limit of 1000 bytes"):
+    with pytest.raises(
+        DataError, match=f"^{re.escape(str(path))}: file is .* bytes, more than the limit of 1000 bytes"
+    ):
         read_points(path, max_bytes=1000)
 
 
@@ -302,16 +322,27 @@ def npy_bytes(array: np.ndarray) -> bytes:
 FUZZ_FINDS = {
     # name (what it raised before): (file name, content, expected message fragment)
     "npz 0-d colours (TypeError)": (
-        "p.npz", zip_bytes({"xyz.npy": npy_bytes(np.zeros((2, 3))), "rgb.npy": npy_bytes(np.float32(1))}),
-        "colours have shape () but coordinates (2, 3)"),
+        "p.npz",
+        zip_bytes({"xyz.npy": npy_bytes(np.zeros((2, 3))), "rgb.npy": npy_bytes(np.float32(1))}),
+        "colours have shape () but coordinates (2, 3)",
+    ),
     "npz member not an array (AttributeError)": ("p.npz", zip_bytes({"points": b"hello"}), "not an .npy payload"),
     "npy declaring 44 TiB (MemoryError)": ("p.npy", npy_header_only((10**12, 6)), "more than the 64 bytes of data"),
     "npz member declaring 44 TiB (MemoryError)": (
-        "p.npz", zip_bytes({"points.npy": npy_header_only((10**12, 6))}), "more than the 64 bytes of data"),
+        "p.npz",
+        zip_bytes({"points.npy": npy_header_only((10**12, 6))}),
+        "more than the 64 bytes of data",
+    ),
     "npz bzip2 member (decompressed without bound)": (
-        "p.npz", zip_bytes({"points.npy": npy_bytes(np.zeros((2, 6)))}, zipfile.ZIP_BZIP2), "compressed with method 12"),
+        "p.npz",
+        zip_bytes({"points.npy": npy_bytes(np.zeros((2, 6)))}, zipfile.ZIP_BZIP2),
+        "compressed with method 12",
+    ),
     "npz with zip strong encryption (NotImplementedError)": (
-        "p.npz", with_zip_flag(zip_bytes({"points.npy": npy_bytes(np.zeros((2, 6)))}), 0x40), "NotImplementedError"),
+        "p.npz",
+        with_zip_flag(zip_bytes({"points.npy": npy_bytes(np.zeros((2, 6)))}), 0x40),
+        "NotImplementedError",
+    ),
 }
 
 
@@ -325,12 +356,33 @@ def test_fuzz_finds_are_clear_errors(tmp_path, case):
 
 OPEN3D_HEADER_EDITS = [
     # (suffix, ascii, compressed, header text, edited text, expected message): before, open3d ...
-    (".ply", False, False, b"element vertex 12\n", b"element vertex 1000000000\n", "header declares 1000000000 points"),  # OOM kill
-    (".ply", True, False, b"element vertex 12\n", b"element vertex 100000000\n", "header declares 100000000 points"),  # 4.7 GB
+    (
+        ".ply",
+        False,
+        False,
+        b"element vertex 12\n",
+        b"element vertex 1000000000\n",
+        "header declares 1000000000 points",
+    ),  # OOM kill
+    (
+        ".ply",
+        True,
+        False,
+        b"element vertex 12\n",
+        b"element vertex 100000000\n",
+        "header declares 100000000 points",
+    ),  # 4.7 GB
     (".ply", False, False, b"element vertex 12\n", b"element vertex 13\n", "header declares 13 points"),  # a zero point
     (".pcd", True, False, b"POINTS 12\n", b"POINTS 100000000\n", "header declares 100000000 points"),  # 4.7 GB
     (".pcd", False, True, b"POINTS 12\n", b"POINTS 1000000\n", "binary_compressed block of"),  # segmentation fault
-    (".pcd", False, False, b"SIZE 4 4 4 4\n", b"SIZE 4 4 4 -4\n", "not a readable .pcd file"),  # reads before its buffer
+    (
+        ".pcd",
+        False,
+        False,
+        b"SIZE 4 4 4 4\n",
+        b"SIZE 4 4 4 -4\n",
+        "not a readable .pcd file",
+    ),  # reads before its buffer
     (".pcd", True, False, b"WIDTH 12\n", b"", "not a readable .pcd file"),  # HEIGHT times an unset WIDTH
 ]
 

@@ -29,10 +29,22 @@ from torch.utils.data import DataLoader
 
 from ognet.data.dataset import EvalSet, SamplerBatches, TrainSet, train_loader
 from ognet.data.layouts import label_map, scan_split
-from ognet.data.pack import PARTS_DIR, PackOptions, main as pack_main, pack_dataset, verify_main, verify_split
+from ognet.data.pack import PARTS_DIR, PackOptions, pack_dataset, verify_main, verify_split
+from ognet.data.pack import main as pack_main
 from ognet.data.sampler import StratifiedSampler
-from ognet.data.shards import (INDEX_NAME, ShardIndex, ShardReader, decode_sample, encode_sample, load_index,
-                               read_npy, read_tar_members, shard_name, stream_split, write_shard)
+from ognet.data.shards import (
+    INDEX_NAME,
+    ShardIndex,
+    ShardReader,
+    decode_sample,
+    encode_sample,
+    load_index,
+    read_npy,
+    read_tar_members,
+    shard_name,
+    stream_split,
+    write_shard,
+)
 from ognet.data.transforms import TransformConfig, transform
 from ognet.errors import DataError, ShardError
 
@@ -106,7 +118,9 @@ def test_tar_lists_and_extracts_the_shards(tiny_root, tiny_shards, tmp_path, spl
         key = tmp_path / f"{w['index']:08d}"
         np.testing.assert_array_equal(np.load(f"{key}.xyz.npy", allow_pickle=False), w["xyz"])
         np.testing.assert_array_equal(np.load(f"{key}.rgb.npy", allow_pickle=False), w["rgb"])
-        assert json.loads(Path(f"{key}.json").read_text()) == {k: w[k] for k in ("index", "pid", "camid", "label", "path")}
+        assert json.loads(Path(f"{key}.json").read_text()) == {
+            k: w[k] for k in ("index", "pid", "camid", "label", "path")
+        }
 
 
 @pytest.mark.parametrize("split", TINY_SPLITS)
@@ -171,9 +185,13 @@ def test_index_matches_the_shards_and_the_sources(tiny_root, tiny_shards, split)
         assert (rows[1:, 0] == rows[:-1, 0] + rows[:-1, 1]).all()
         assert rows[-1, 0] + rows[-1, 1] + 1024 <= len(data)  # then the tar's end-of-archive blocks
         for i, (offset, length, crc) in zip(np.flatnonzero(index.shard_ids == shard), rows):
-            chunk = data[offset:offset + length]
+            chunk = data[offset : offset + length]
             assert zlib.crc32(chunk) == crc
-            assert [name for name, _ in read_tar_members(chunk, "t")] == [f"{i:08d}.xyz.npy", f"{i:08d}.rgb.npy", f"{i:08d}.json"]
+            assert [name for name, _ in read_tar_members(chunk, "t")] == [
+                f"{i:08d}.xyz.npy",
+                f"{i:08d}.rgb.npy",
+                f"{i:08d}.json",
+            ]
 
 
 def test_malformed_indexes_are_refused(tiny_shards, tmp_path):
@@ -217,8 +235,9 @@ def test_repack_with_two_workers_is_byte_identical(tiny_root, tiny_shards, tmp_p
 
 
 def test_uint8_colours_within_half_a_step(tiny_root, tiny_shards, tmp_path):
-    index = pack_dataset(tiny_root, tmp_path, ["train_all"],
-                         PackOptions(max_count=MAX_COUNT, colors="uint8", workers=1, progress=False))["train_all"]
+    index = pack_dataset(
+        tiny_root, tmp_path, ["train_all"], PackOptions(max_count=MAX_COUNT, colors="uint8", workers=1, progress=False)
+    )["train_all"]
     assert index.colors == "uint8" and load_index(tmp_path / "train_all").colors == "uint8"
     reader = ShardReader(tmp_path / "train_all")
     for w in source_samples(tiny_root, "train_all"):
@@ -227,7 +246,9 @@ def test_uint8_colours_within_half_a_step(tiny_root, tiny_shards, tmp_path):
         assert s.rgb.dtype == np.float32
         assert np.abs(s.rgb - w["rgb"]).max() <= 0.5 / 255 + 1e-7
         np.testing.assert_allclose(s.rgb * 255, np.rint(s.rgb * 255), atol=1e-4)
-    stored = next(iter(wds.WebDataset([str(p) for p in shard_paths(tmp_path / "train_all")], shardshuffle=False).decode()))
+    stored = next(
+        iter(wds.WebDataset([str(p) for p in shard_paths(tmp_path / "train_all")], shardshuffle=False).decode())
+    )
     assert stored["rgb.npy"].dtype == np.uint8
     uint8_bytes = sum(p.stat().st_size for p in shard_paths(tmp_path / "train_all"))
     float_bytes = sum(p.stat().st_size for p in shard_paths(tiny_shards / "train_all"))
@@ -237,7 +258,9 @@ def test_uint8_colours_within_half_a_step(tiny_root, tiny_shards, tmp_path):
 def test_max_count_and_max_bytes(tiny_root, tiny_shards, tmp_path):
     def counts(name: str, **options) -> list[int]:
         opts = PackOptions(workers=1, progress=False, **options)
-        return [s["num_samples"] for s in pack_dataset(tiny_root, tmp_path / name, ["train_all"], opts)["train_all"].shards]
+        return [
+            s["num_samples"] for s in pack_dataset(tiny_root, tmp_path / name, ["train_all"], opts)["train_all"].shards
+        ]
 
     assert counts("c7", max_count=7) == [7] * 6 + [6]
     assert counts("c100", max_count=100) == [48]
@@ -337,8 +360,9 @@ def test_killed_pack_leaves_complete_shards_and_resumes(tiny_root, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert not (folder / INDEX_NAME).exists()
     present = {p.name: p.read_bytes() for p in shard_paths(folder)}
-    done = {p.name: p.stat().st_mtime_ns for p in shard_paths(folder)
-            if (folder / PARTS_DIR / f"{p.name}.json").exists()}  # complete and recorded as such
+    done = {
+        p.name: p.stat().st_mtime_ns for p in shard_paths(folder) if (folder / PARTS_DIR / f"{p.name}.json").exists()
+    }  # complete and recorded as such
     assert 3 <= len(done) <= len(present) < 12  # 48 samples, 4 per shard: killed part-way
 
     pack_dataset(root, out, ["train_all"], PackOptions(max_count=4, workers=1, progress=False))
@@ -357,8 +381,13 @@ def test_killed_pack_leaves_complete_shards_and_resumes(tiny_root, tmp_path):
 
 def test_verify_passes_on_good_shards(tiny_shards):
     total = sum(p.stat().st_size for p in shard_paths(tiny_shards / "train_all"))
-    assert verify_split(tiny_shards / "train_all") == {"split": "train_all", "shards": 5, "samples": 48,
-                                                        "classes": 8, "bytes": total}
+    assert verify_split(tiny_shards / "train_all") == {
+        "split": "train_all",
+        "shards": 5,
+        "samples": 48,
+        "classes": 8,
+        "bytes": total,
+    }
 
 
 def test_verify_names_the_shard_and_sample_at_fault(tiny_shards, tmp_path):
@@ -387,7 +416,7 @@ def test_reader_names_the_shard_and_sample_of_corrupt_or_truncated_data(tiny_sha
     index = load_index(folder)
     flip_byte(folder / shard_name(2), int(index.locations[23, 0]) + 700)
     last = folder / shard_name(4)  # samples 40..47
-    last.write_bytes(last.read_bytes()[:int(index.locations[44, 0]) + 100])  # cut inside sample 44
+    last.write_bytes(last.read_bytes()[: int(index.locations[44, 0]) + 100])  # cut inside sample 44
     reader = ShardReader(folder)
     with pytest.raises(ShardError, match=f"^{re.escape(str(folder / shard_name(2)))}, sample 23: checksum mismatch"):
         reader[23]
@@ -440,15 +469,24 @@ def member(name: str, kind: bytes = tarfile.REGTYPE, size: int = 4, target: str 
     return info
 
 
-@pytest.mark.parametrize("info,message", [
-    (member("/etc/passwd"), "member name '/etc/passwd' is not a plain file name"),
-    (member("../00000000.xyz.npy"), "member name '../00000000.xyz.npy' is not a plain file name"),
-    (member("a/../../00000000.json"), "member name 'a/../../00000000.json' is not a plain file name"),
-    (member(".hidden"), "member name '.hidden' is not a plain file name"),
-    (member("00000000.xyz.npy", tarfile.SYMTYPE, target="/etc/passwd"), "member '00000000.xyz.npy' is not a regular file"),
-    (member("00000000.rgb.npy", tarfile.LNKTYPE, target="00000000.xyz.npy"), "member '00000000.rgb.npy' is not a regular file"),
-    (member("somedir", tarfile.DIRTYPE), "member 'somedir/' is not a regular file"),  # tar's own spelling
-])
+@pytest.mark.parametrize(
+    "info,message",
+    [
+        (member("/etc/passwd"), "member name '/etc/passwd' is not a plain file name"),
+        (member("../00000000.xyz.npy"), "member name '../00000000.xyz.npy' is not a plain file name"),
+        (member("a/../../00000000.json"), "member name 'a/../../00000000.json' is not a plain file name"),
+        (member(".hidden"), "member name '.hidden' is not a plain file name"),
+        (
+            member("00000000.xyz.npy", tarfile.SYMTYPE, target="/etc/passwd"),
+            "member '00000000.xyz.npy' is not a regular file",
+        ),
+        (
+            member("00000000.rgb.npy", tarfile.LNKTYPE, target="00000000.xyz.npy"),
+            "member '00000000.rgb.npy' is not a regular file",
+        ),
+        (member("somedir", tarfile.DIRTYPE), "member 'somedir/' is not a regular file"),  # tar's own spelling
+    ],
+)
 def test_hostile_tar_members_are_refused(info, message):
     data = tar_bytes(member("00000000.json"), info)
     with pytest.raises(ShardError, match=f"^shard-000000.tar, sample 0: {re.escape(message)}"):
@@ -492,8 +530,15 @@ def test_damaged_tar_headers_are_refused():
         list(read_tar_members(data[:1024] + b"x" * 100, "t"))
 
 
-@pytest.mark.parametrize("array", [np.arange(12, dtype=np.float32).reshape(4, 3), np.zeros((0, 3), np.uint8),
-                                   np.asfortranarray(np.arange(6.0).reshape(2, 3)), np.float32(3.5)])
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(12, dtype=np.float32).reshape(4, 3),
+        np.zeros((0, 3), np.uint8),
+        np.asfortranarray(np.arange(6.0).reshape(2, 3)),
+        np.float32(3.5),
+    ],
+)
 @pytest.mark.parametrize("version", [(1, 0), (2, 0)])
 def test_read_npy_matches_numpy(array, version):
     buf = io.BytesIO()
@@ -521,8 +566,17 @@ def test_reader_refuses_a_shard_with_a_hostile_member(tmp_path):
     members = encode_sample(0, xyz, rgb, {"pid": 1, "camid": 1, "label": 0, "path": "x"})
     members[0] = ("../" + members[0][0], members[0][1])
     entry, locations = write_shard(tmp_path / shard_name(0), [members])
-    ShardIndex(split="query", shards=[entry], pids=np.array([1]), camids=np.array([1]), labels=np.array([0]),
-               paths=["x"], shard_ids=np.array([0]), locations=np.array(locations), label_map={1: 0}).save(tmp_path)
+    ShardIndex(
+        split="query",
+        shards=[entry],
+        pids=np.array([1]),
+        camids=np.array([1]),
+        labels=np.array([0]),
+        paths=["x"],
+        shard_ids=np.array([0]),
+        locations=np.array(locations),
+        label_map={1: 0},
+    ).save(tmp_path)
     with pytest.raises(ShardError, match=r"sample 0: member name '\.\./00000000\.xyz\.npy' is not a plain file name"):
         ShardReader(tmp_path)[0]
     assert not (tmp_path.parent / "00000000.xyz.npy").exists()
@@ -558,8 +612,9 @@ def http_server(directory: Path):
 def check_cache(cache: Path, local: Path) -> None:
     """The cache holds every shard of `local` whole, under `<sha256 prefix>/<name>`."""
     index = load_index(local)
-    assert sorted(p.relative_to(cache) for p in cache.rglob("*.tar")) == \
-        sorted(Path(s["sha256"][:32]) / s["name"] for s in index.shards)
+    assert sorted(p.relative_to(cache) for p in cache.rglob("*.tar")) == sorted(
+        Path(s["sha256"][:32]) / s["name"] for s in index.shards
+    )
     for s in index.shards:
         assert (cache / s["sha256"][:32] / s["name"]).read_bytes() == (local / s["name"]).read_bytes()
 
@@ -590,7 +645,9 @@ def test_http_shard_that_does_not_match_its_checksum_is_refused(tiny_shards, tmp
     cache = tmp_path / "cache"
     with http_server(served) as (url, _):
         reader = ShardReader(f"{url}/query/", cache_dir=cache)
-        with pytest.raises(ShardError, match=f"^sample 10: {re.escape(url)}/query/shard-000001.tar: fetched shard does not match"):
+        with pytest.raises(
+            ShardError, match=f"^sample 10: {re.escape(url)}/query/shard-000001.tar: fetched shard does not match"
+        ):
             reader[10]
         with pytest.raises(ShardError, match=f"^sample 0: {re.escape(url)}/query/shard-000000.tar: cannot fetch shard"):
             reader[0]
@@ -617,8 +674,9 @@ def test_a_repacked_remote_location_is_not_read_from_a_stale_cache(tiny_root, tm
     assert ShardReader(location, cache_dir=cache)[0].rgb.dtype == np.float32
     pack_dataset(tiny_root, out, ["query"], PackOptions(max_count=MAX_COUNT, colors="uint8", workers=1, progress=False))
     want = source_samples(tiny_root, "query")
-    for s in [ShardReader(location, cache_dir=cache)[i] for i in range(len(want))] + \
-            list(stream_split(location, cache_dir=cache)):
+    for s in [ShardReader(location, cache_dir=cache)[i] for i in range(len(want))] + list(
+        stream_split(location, cache_dir=cache)
+    ):
         assert np.abs(s.rgb - want[s.index]["rgb"]).max() <= 0.5 / 255 + 1e-7
         np.testing.assert_allclose(s.rgb * 255, np.rint(s.rgb * 255), atol=1e-4)  # the new, uint8 shards
 
@@ -701,19 +759,29 @@ def npy_with_header(header: str, body: bytes = bytes(48)) -> bytes:
     return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text + body
 
 
-@pytest.mark.parametrize("header", [
-    "{'descr': '<f4', 'fortran_order': False, 'shape': (9223372036854775808,)}",  # OverflowError
-    "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 6), }" + "(" * 300,  # tokenize.TokenError
-    "{[1]: 2}",  # TypeError
-], ids=["huge shape", "unclosed", "unhashable key"])
+@pytest.mark.parametrize(
+    "header",
+    [
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (9223372036854775808,)}",  # OverflowError
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 6), }" + "(" * 300,  # tokenize.TokenError
+        "{[1]: 2}",  # TypeError
+    ],
+    ids=["huge shape", "unclosed", "unhashable key"],
+)
 def test_read_npy_refuses_garbled_headers_with_value_error(header):
     with pytest.raises(ValueError):
         read_npy(npy_with_header(header))
 
 
 def test_decode_sample_refuses_infinite_numbers_and_deep_json():
-    members = dict(encode_sample(0, np.zeros((4, 3), np.float32), np.zeros((4, 3), np.float32),
-                                 {"pid": 1, "camid": 1, "label": 0, "path": "x"}))
+    members = dict(
+        encode_sample(
+            0,
+            np.zeros((4, 3), np.float32),
+            np.zeros((4, 3), np.float32),
+            {"pid": 1, "camid": 1, "label": 0, "path": "x"},
+        )
+    )
     members["00000000.json"] = b'{"index": Infinity, "pid": 1, "camid": 1, "label": 0, "path": "x"}'  # OverflowError
     with pytest.raises(ShardError, match="^w: sample metadata is malformed"):
         decode_sample(members, "00000000", "w")
@@ -732,19 +800,22 @@ def test_a_negative_tar_member_size_is_refused():
         list(read_tar_members(bytes(data), "t"))
 
 
-@pytest.mark.parametrize("edit,message", [
-    (lambda d: d.update(shards=[5]), "malformed index"),  # AttributeError
-    (lambda d: d.update(label_map=[1]), "malformed index"),  # AttributeError
-    (lambda d: d["samples"].update(pid=[10**30] * len(d["samples"]["pid"])), "malformed index"),  # OverflowError
-    (lambda d: d["samples"].update(pid=5), "must be lists of integers"),  # TypeError
-    (lambda d: d["shards"][0].update(name=5), "shard name 5 is not a plain file name"),  # TypeError
-    (lambda d: d["shards"][0].pop("bytes"), "has byte size None"),  # KeyError
-    (lambda d: d["shards"][0].update(bytes="a"), "has byte size 'a'"),  # numpy UFuncTypeError
-    (lambda d: d["shards"][0].update(num_samples=[]), "lists [] samples"),  # ValueError: truth value of an array
-    (lambda d: d["samples"]["shard"].__setitem__(0, -1), "refers to a shard that is not listed"),  # ValueError
-    (lambda d: d["samples"]["shard"].__setitem__(0, 10**13), "refers to a shard that is not listed"),  # MemoryError
-    (lambda d: d["samples"]["location"].__setitem__(0, [2**62, 2**62, 0]), "outside its shard"),  # wrapped; OSError
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda d: d.update(shards=[5]), "malformed index"),  # AttributeError
+        (lambda d: d.update(label_map=[1]), "malformed index"),  # AttributeError
+        (lambda d: d["samples"].update(pid=[10**30] * len(d["samples"]["pid"])), "malformed index"),  # OverflowError
+        (lambda d: d["samples"].update(pid=5), "must be lists of integers"),  # TypeError
+        (lambda d: d["shards"][0].update(name=5), "shard name 5 is not a plain file name"),  # TypeError
+        (lambda d: d["shards"][0].pop("bytes"), "has byte size None"),  # KeyError
+        (lambda d: d["shards"][0].update(bytes="a"), "has byte size 'a'"),  # numpy UFuncTypeError
+        (lambda d: d["shards"][0].update(num_samples=[]), "lists [] samples"),  # ValueError: truth value of an array
+        (lambda d: d["samples"]["shard"].__setitem__(0, -1), "refers to a shard that is not listed"),  # ValueError
+        (lambda d: d["samples"]["shard"].__setitem__(0, 10**13), "refers to a shard that is not listed"),  # MemoryError
+        (lambda d: d["samples"]["location"].__setitem__(0, [2**62, 2**62, 0]), "outside its shard"),  # wrapped; OSError
+    ],
+)
 def test_malformed_index_values_are_refused(tiny_shards, tmp_path, edit, message):
     data = json.loads((tiny_shards / "query" / INDEX_NAME).read_text())
     edit(data)
@@ -755,11 +826,21 @@ def test_malformed_index_values_are_refused(tiny_shards, tmp_path, edit, message
 
 def test_reader_reads_no_more_than_the_shard_holds(tmp_path):
     """An index may declare any sizes: a 1 TiB length must not become a 1 TiB read buffer."""
-    members = encode_sample(0, np.zeros((4, 3), np.float32), np.zeros((4, 3), np.float32),
-                            {"pid": 1, "camid": 1, "label": 0, "path": "x"})
+    members = encode_sample(
+        0, np.zeros((4, 3), np.float32), np.zeros((4, 3), np.float32), {"pid": 1, "camid": 1, "label": 0, "path": "x"}
+    )
     entry, locations = write_shard(tmp_path / shard_name(0), [members])
     entry["bytes"] = locations[0][1] = 2**40  # MemoryError before
-    ShardIndex(split="query", shards=[entry], pids=np.array([1]), camids=np.array([1]), labels=np.array([0]),
-               paths=["x"], shard_ids=np.array([0]), locations=np.array(locations), label_map={1: 0}).save(tmp_path)
+    ShardIndex(
+        split="query",
+        shards=[entry],
+        pids=np.array([1]),
+        camids=np.array([1]),
+        labels=np.array([0]),
+        paths=["x"],
+        shard_ids=np.array([0]),
+        locations=np.array(locations),
+        label_map={1: 0},
+    ).save(tmp_path)
     with pytest.raises(ShardError, match=f"^{re.escape(str(tmp_path / shard_name(0)))}, sample 0: shard is truncated"):
         ShardReader(tmp_path)[0]

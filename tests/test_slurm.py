@@ -31,8 +31,17 @@ pytestmark = pytest.mark.slow
 CLUSTER = REPO / "slurm" / "local" / "cluster.sh"
 SBIN_PATH = f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin"
 NEEDED = ("sbatch", "scontrol", "scancel", "slurmctld", "slurmd", "munged", "munge")
-ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
-         "PREEMPTED"}
+ENDED = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 # 2 tasks (2 rendezvous nodes), 1 process and 1 CPU each; the time limit is a last resort.
 TASKS = ("--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10")
 
@@ -66,7 +75,9 @@ def install_slurm(say) -> str | None:
 
 
 def cluster_logs(folder: Path) -> str:
-    return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted((folder / "log").glob("*.log")))
+    return "\n".join(
+        f"--- {p}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted((folder / "log").glob("*.log"))
+    )
 
 
 @pytest.fixture(scope="session")
@@ -91,8 +102,9 @@ def slurm(request):
         proc = subprocess.CompletedProcess(e.cmd, -1, "", f"timed out: {e.stderr}")
     try:
         assert proc.returncode == 0, f"local cluster did not start:\n{proc.stderr}\n{cluster_logs(folder)}"
-        yield clean_env(SLURM_CONF=str(folder / "slurm.conf"), OGNET_ROOT=str(REPO), OGNET_TORCHRUN=str(TORCHRUN),
-                        PATH=SBIN_PATH)
+        yield clean_env(
+            SLURM_CONF=str(folder / "slurm.conf"), OGNET_ROOT=str(REPO), OGNET_TORCHRUN=str(TORCHRUN), PATH=SBIN_PATH
+        )
     finally:
         stop = subprocess.run(["bash", str(CLUSTER), "stop", str(folder)], capture_output=True, text=True, timeout=120)
         say(stop.stderr.strip())
@@ -156,15 +168,21 @@ def chained(slurm, tiny_shards, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("submit")
     run_dir = cwd / "run"
     args = slurm_args(tiny_shards, run_dir)
-    out = command(["bash", str(REPO / "slurm" / "submit.sh"), *TASKS, "--", *args],
-                  {**slurm, "OGNET_PY": sys.executable}, cwd=cwd)
+    out = command(
+        ["bash", str(REPO / "slurm" / "submit.sh"), *TASKS, "--", *args], {**slurm, "OGNET_PY": sys.executable}, cwd=cwd
+    )
     train_id, eval_id = re.findall(r"job (\d+)", out)
     logs = cwd / "runs" / "slurm-logs"
     train_log, eval_log = logs / f"ognet-train-{train_id}.out", logs / f"ognet-eval-{eval_id}.out"
     train = wait_until_ended(slurm, train_id, train_log, timeout=300)
     evaluation = wait_until_ended(slurm, eval_id, eval_log, timeout=200)
-    return {"run_dir": run_dir, "train": train, "train_log": read(train_log), "eval": evaluation,
-            "eval_log": read(eval_log)}
+    return {
+        "run_dir": run_dir,
+        "train": train,
+        "train_log": read(train_log),
+        "eval": evaluation,
+        "eval_log": read(eval_log),
+    }
 
 
 def test_train_then_dependent_evaluation_on_two_nodes(chained):

@@ -16,8 +16,9 @@ from ognet.errors import ConfigError
 
 TINY = synth.PRESETS["tiny"]
 # a handful of files, for the tests that generate several times
-MINI = synth.SynthConfig(train_ids=3, train_images=6, test_ids=2, query_images=2, gallery_images=4,
-                         distractors=1, junk=1, cameras=3, seed=7)
+MINI = synth.SynthConfig(
+    train_ids=3, train_images=6, test_ids=2, query_images=2, gallery_images=4, distractors=1, junk=1, cameras=3, seed=7
+)
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +26,13 @@ def tiny(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "tiny"
     counts = synth.generate_dataset(out, TINY, workers=2, progress=False)
     gallery = TINY.gallery_images + TINY.distractors + TINY.junk
-    assert counts == {"train_all": TINY.train_images, "query": TINY.query_images, "gallery": gallery,
-                      "written": TINY.train_images + TINY.query_images + gallery, "skipped": 0}
+    assert counts == {
+        "train_all": TINY.train_images,
+        "query": TINY.query_images,
+        "gallery": gallery,
+        "written": TINY.train_images + TINY.query_images + gallery,
+        "skipped": 0,
+    }
     return out
 
 
@@ -107,17 +113,42 @@ def test_refuses_to_mix_two_configs_in_one_folder(tmp_path):
         synth.generate_dataset(tmp_path, dataclasses.replace(MINI, seed=8), workers=1, progress=False)
 
 
-@pytest.mark.parametrize("change", [dict(cameras=1), dict(points=8000), dict(gallery_images=3),
-                                    dict(train_ids=0), dict(query_images=-1)])
+@pytest.mark.parametrize(
+    "change", [dict(cameras=1), dict(points=8000), dict(gallery_images=3), dict(train_ids=0), dict(query_images=-1)]
+)
 def test_impossible_configs_are_refused(change):
     with pytest.raises(ConfigError):
         dataclasses.replace(MINI, **change).validate()
 
 
 def test_cli(tmp_path, capsys):
-    synth.main(["--preset", "tiny", "--out", str(tmp_path), "--train-ids", "2", "--train-images", "3",
-                "--test-ids", "2", "--query-images", "2", "--gallery-images", "4", "--distractors", "0",
-                "--junk", "1", "--points", "2048", "--workers", "1", "--no-progress"])
+    synth.main(
+        [
+            "--preset",
+            "tiny",
+            "--out",
+            str(tmp_path),
+            "--train-ids",
+            "2",
+            "--train-images",
+            "3",
+            "--test-ids",
+            "2",
+            "--query-images",
+            "2",
+            "--gallery-images",
+            "4",
+            "--distractors",
+            "0",
+            "--junk",
+            "1",
+            "--points",
+            "2048",
+            "--workers",
+            "1",
+            "--no-progress",
+        ]
+    )
     assert "train_all 3, query 2, gallery 5 files" in capsys.readouterr().out
     assert len(read_points(next(tmp_path.rglob("*.jpg.obj"))).xyz) == 2048
     with pytest.raises(SystemExit):
@@ -147,8 +178,9 @@ def _rank1(features: np.ndarray, specs: list[synth.ImageSpec]) -> float:
 
 
 def test_identity_is_learnable_but_not_trivial():
-    config = synth.SynthConfig(train_ids=1, train_images=1, test_ids=30, query_images=60, gallery_images=120,
-                               distractors=15, junk=5, seed=3)
+    config = synth.SynthConfig(
+        train_ids=1, train_images=1, test_ids=30, query_images=60, gallery_images=120, distractors=15, junk=5, seed=3
+    )
     specs = [s for s in synth.plan_images(config) if s.split != "train_all"]
     features = np.array([_descriptor(*synth.render_image(s, config)) for s in specs])
     features = (features - features.mean(axis=0)) / features.std(axis=0)

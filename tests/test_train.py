@@ -21,11 +21,23 @@ TRAIN = str(REPO / "launch" / "train.py")
 
 def train_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
     """A few seconds per epoch on 2 cores: 256-point clouds, OG-Net-Small with 64 centres."""
-    return ["--config", str(REPO / "configs" / "demo.yaml"), f"data.root={shards}", f"run_dir={run_dir}",
-            "data.num_workers=0", "model.overrides={init_points: 64, k: 4}", "train.epochs=2",
-            "train.global_batch_size=8", "train.max_steps_per_epoch=3", "train.log_every_steps=1",
-            "train.eval_every_epochs=0", "optim.loss_warmup_epochs=1", "eval.batch_size=16",
-            "eval.rank_list_queries=1", *extra]
+    return [
+        "--config",
+        str(REPO / "configs" / "demo.yaml"),
+        f"data.root={shards}",
+        f"run_dir={run_dir}",
+        "data.num_workers=0",
+        "model.overrides={init_points: 64, k: 4}",
+        "train.epochs=2",
+        "train.global_batch_size=8",
+        "train.max_steps_per_epoch=3",
+        "train.log_every_steps=1",
+        "train.eval_every_epochs=0",
+        "optim.loss_warmup_epochs=1",
+        "eval.batch_size=16",
+        "eval.rank_list_queries=1",
+        *extra,
+    ]
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -98,16 +110,26 @@ def test_two_rank_ddp_run_learns_and_is_reproducible(tiny_shards, tmp_path):
     runs = []
     for name, epochs in (("a", 6), ("b", 1)):
         run_dir = tmp_path / name
-        cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", TRAIN,
-               *train_args(tiny_shards, run_dir, *LEARNING, f"train.epochs={epochs}", "train.keep_checkpoints=6")]
+        cmd = [
+            str(TORCHRUN),
+            "--standalone",
+            "--nproc_per_node=2",
+            TRAIN,
+            *train_args(tiny_shards, run_dir, *LEARNING, f"train.epochs={epochs}", "train.keep_checkpoints=6"),
+        ]
         proc = run(cmd, timeout=400)
         assert "on 2 x cpu (ddp, fp32)" in proc.stdout
         runs.append(run_dir)
     assert_loss_falls(runs[0])
     # The evaluation inside the 2-rank run used rank 0's BN statistics on both ranks: evaluating the
     # saved weights in a plain process gives the same numbers.
-    evaluate = [sys.executable, str(REPO / "launch" / "evaluate.py"), "--checkpoint", str(runs[0] / "model_last.pt"),
-                *train_args(tiny_shards, runs[0] / "eval")]
+    evaluate = [
+        sys.executable,
+        str(REPO / "launch" / "evaluate.py"),
+        "--checkpoint",
+        str(runs[0] / "model_last.pt"),
+        *train_args(tiny_shards, runs[0] / "eval"),
+    ]
     run(evaluate, timeout=300)
     after = json.loads((runs[0] / "eval" / "metrics-eval.json").read_text())
     during = json.loads((runs[0] / "metrics-eval.json").read_text())
@@ -124,8 +146,14 @@ def test_deepspeed_zero2_learns_and_resumes(tiny_shards, tmp_path):
     run_dir = tmp_path / "ds"
     env = clean_env(DS_ACCELERATOR="cpu")
     base = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", TRAIN]
-    args = train_args(tiny_shards, run_dir, *LEARNING, "train.backend=deepspeed", "train.epochs=6",
-                      f"train.deepspeed_config={REPO / 'configs' / 'deepspeed' / 'zero2.json'}")
+    args = train_args(
+        tiny_shards,
+        run_dir,
+        *LEARNING,
+        "train.backend=deepspeed",
+        "train.epochs=6",
+        f"train.deepspeed_config={REPO / 'configs' / 'deepspeed' / 'zero2.json'}",
+    )
     proc = run([*base, *args, "train.epochs=3"], env=env, timeout=400)  # the later override wins
     assert "(deepspeed, fp32)" in proc.stdout
     tags = sorted(p.name for p in (run_dir / "checkpoints" / "deepspeed").iterdir() if p.is_dir())
@@ -171,9 +199,20 @@ def test_two_nodes_c10d_rendezvous_train_together(tiny_shards, tmp_path):
     from dist_scripts.procs import free_port
 
     endpoint = f"127.0.0.1:{free_port()}"
-    cmd = [str(TORCHRUN), "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}",
-           "--rdzv_id=test-job", TRAIN, *train_args(tiny_shards, tmp_path / "run", "train.epochs=1", "eval.rank_list_queries=0")]
-    nodes = [subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    cmd = [
+        str(TORCHRUN),
+        "--nnodes=2",
+        "--nproc_per_node=1",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint={endpoint}",
+        "--rdzv_id=test-job",
+        TRAIN,
+        *train_args(tiny_shards, tmp_path / "run", "train.epochs=1", "eval.rank_list_queries=0"),
+    ]
+    nodes = [
+        subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     outputs = []
     for node in nodes:
         try:
@@ -181,7 +220,7 @@ def test_two_nodes_c10d_rendezvous_train_together(tiny_shards, tmp_path):
         except subprocess.TimeoutExpired:
             for other in nodes:
                 other.kill()
-            raise AssertionError("the two-node run did not finish in 300 s")
+            raise AssertionError("the two-node run did not finish in 300 s") from None
         assert node.returncode == 0, stderr[-3000:]
         outputs.append(stdout)
     assert sum("on 2 x cpu (ddp, fp32)" in out for out in outputs) == 1  # printed by the global rank 0 only
@@ -192,8 +231,13 @@ def test_two_nodes_c10d_rendezvous_train_together(tiny_shards, tmp_path):
 def test_impossible_sampling_fails_on_every_rank_before_training(tiny_shards, tmp_path):
     """P x K with P = 12 / 4 = 3 identities per global batch cannot split into whole identities on 2 ranks."""
     run_dir = tmp_path / "run"
-    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", TRAIN,
-           *train_args(tiny_shards, run_dir, "sampler.mode=pk", "sampler.k=4", "train.global_batch_size=12")]
+    cmd = [
+        str(TORCHRUN),
+        "--standalone",
+        "--nproc_per_node=2",
+        TRAIN,
+        *train_args(tiny_shards, run_dir, "sampler.mode=pk", "sampler.k=4", "train.global_batch_size=12"),
+    ]
     proc = __import__("subprocess").run(cmd, env=clean_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("ognet-train: error:")]

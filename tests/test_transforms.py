@@ -61,8 +61,18 @@ def test_centring_uses_all_n_points_before_slim():
     assert out_xyz[:, 0].mean() < -10  # centred on all N points, not on the 200 kept
 
 
-@pytest.mark.parametrize("n,slim,p", [(8192, 0.5, 4096), (6890, 0.5, 3445), (400, 0.3, 120), (400, 1.0, 400),
-                                      (401, 0.5, 200), (403, 0.5, 202), (10, 0.25, 2)])
+@pytest.mark.parametrize(
+    "n,slim,p",
+    [
+        (8192, 0.5, 4096),
+        (6890, 0.5, 3445),
+        (400, 0.3, 120),
+        (400, 1.0, 400),
+        (401, 0.5, 200),
+        (403, 0.5, 202),
+        (10, 0.25, 2),
+    ],
+)
 def test_slim_keeps_round_n_times_slim_points(n, slim, p):
     """P = round(N * slim) with Python's round (halves to even: 200.5 -> 200, 201.5 -> 202)."""
     assert p == round(n * slim)
@@ -85,8 +95,9 @@ def test_colours_come_out_in_minus_half_to_half(config):
 
 
 def test_blank_is_mean_colour_within_1e_5_of_one():
-    rgb = np.float32([[1, 1, 1], [1, 1, 1 - 2e-5], [1, 1, 1 - 4e-5], [0.99999, 1, 1], [0.9, 1, 1], [0, 0, 0],
-                      [1, 0.5, 0.5]])
+    rgb = np.float32(
+        [[1, 1, 1], [1, 1, 1 - 2e-5], [1, 1, 1 - 4e-5], [0.99999, 1, 1], [0.9, 1, 1], [0, 0, 0], [1, 0.5, 0.5]]
+    )
     np.testing.assert_array_equal(is_blank(rgb), [True, True, False, True, False, False, False])
 
 
@@ -170,8 +181,13 @@ def test_more_p_than_coloured_adds_evenly_spaced_blanks():
 
 
 @settings(max_examples=150, deadline=None)
-@given(n=st.integers(2, 300), slim=st.floats(0.05, 0.99), blank_fraction=st.floats(0, 1),
-       seed=st.integers(0, 2**32 - 1), train=st.booleans())
+@given(
+    n=st.integers(2, 300),
+    slim=st.floats(0.05, 0.99),
+    blank_fraction=st.floats(0, 1),
+    seed=st.integers(0, 2**32 - 1),
+    train=st.booleans(),
+)
 def test_slim_selection_invariants(n, slim, blank_fraction, seed, train):
     g = rng(seed)
     rgb = g.uniform(0, 0.9, size=(n, 3)).astype(np.float32)
@@ -304,8 +320,10 @@ def test_test_time_ignores_the_training_augmentations():
     np.testing.assert_array_equal(a[1], b[1])
 
 
-@pytest.mark.parametrize("kwargs,message", [({"slim": 0.0}, "slim"), ({"slim": 1.5}, "slim"),
-                                            ({"erase": -0.1}, "erase"), ({"erase": 2.0}, "erase")])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [({"slim": 0.0}, "slim"), ({"slim": 1.5}, "slim"), ({"erase": -0.1}, "erase"), ({"erase": 2.0}, "erase")],
+)
 def test_config_is_validated(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         TransformConfig(**kwargs)

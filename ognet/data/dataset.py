@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import signal
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -67,7 +67,9 @@ class TrainSet(Dataset):
         xyz, rgb = transform(sample.xyz, sample.rgb, self.config, rng)
         return torch.from_numpy(xyz), torch.from_numpy(rgb), sample.label
 
-    def _replacement(self, epoch: int, position: int, index: int, error: Exception) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _replacement(
+        self, epoch: int, position: int, index: int, error: Exception
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """The first readable sample of the same identity, in an order drawn from (seed, epoch,
         position, index): the same on every run, and a bad sample drawn K times in a P x K batch
         gets different replacements where its identity has them."""
@@ -81,8 +83,10 @@ class TrainSet(Dataset):
                 continue
             log.warning(f"{error}; replaced by sample {candidate} of the same identity (data.bad_samples=skip)")
             return item
-        raise ShardError(f"{error}; no other sample of its identity (pid {self.reader.index.pids[index]}, "
-                         f"{len(others) + 1} samples) is readable either, so data.bad_samples=skip cannot replace it")
+        raise ShardError(
+            f"{error}; no other sample of its identity (pid {self.reader.index.pids[index]}, "
+            f"{len(others) + 1} samples) is readable either, so data.bad_samples=skip cannot replace it"
+        )
 
 
 class EvalSet(Dataset):
@@ -145,8 +149,20 @@ def ignore_preemption_signal(worker_id: int) -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
-def train_loader(dataset: TrainSet, sampler: StratifiedSampler, epoch: int, start_step: int = 0,
-                 num_workers: int = 2, pin_memory: bool = False) -> DataLoader:
-    return DataLoader(dataset, batch_sampler=SamplerBatches(sampler, epoch, start_step), num_workers=num_workers,
-                      pin_memory=pin_memory, persistent_workers=False, prefetch_factor=4 if num_workers else None,
-                      worker_init_fn=ignore_preemption_signal)
+def train_loader(
+    dataset: TrainSet,
+    sampler: StratifiedSampler,
+    epoch: int,
+    start_step: int = 0,
+    num_workers: int = 2,
+    pin_memory: bool = False,
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_sampler=SamplerBatches(sampler, epoch, start_step),
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers else None,
+        worker_init_fn=ignore_preemption_signal,
+    )

@@ -61,8 +61,12 @@ def parse_name(name: str, scheme: str) -> tuple[int, int]:
         raise DataError(f"unknown naming scheme {scheme!r}; expected one of {NAMING_SCHEMES}")
     m = (_MSMT if scheme == "msmt" else _CAMERA_AFTER_C).match(stem)
     if not m:
-        example = {"market": "0002_c1s1_000451_03", "duke": "0005_c2_f0046985",
-                   "cuhk": "0001_c1_1", "msmt": "0000_000_01_0303morning_0015_0"}[scheme]
+        example = {
+            "market": "0002_c1s1_000451_03",
+            "duke": "0005_c2_f0046985",
+            "cuhk": "0001_c1_1",
+            "msmt": "0000_000_01_0303morning_0015_0",
+        }[scheme]
         raise DataError(f"{name}: cannot parse pid and camera for the {scheme} naming (expected e.g. {example})")
     return int(m.group(1)), int(m.group(2))
 
@@ -89,8 +93,9 @@ def scan_split(root: str | os.PathLike, split: str, scheme: str | None = None) -
         raise DataError(f"{split_dir}: split folder does not exist")
     files: list[tuple[str, str]] = []
     for folder in sorted(d.name for d in os.scandir(split_dir) if d.is_dir()):
-        names = sorted(e.name for e in os.scandir(split_dir / folder)
-                       if e.is_file() and e.name.lower().endswith(POINT_SUFFIXES))
+        names = sorted(
+            e.name for e in os.scandir(split_dir / folder) if e.is_file() and e.name.lower().endswith(POINT_SUFFIXES)
+        )
         files.extend((folder, name) for name in names)
     if not files:
         raise DataError(f"{split_dir}: empty split (no {'/'.join(POINT_SUFFIXES)} files in <pid>/ sub-folders)")

@@ -17,9 +17,9 @@ import os
 import shutil
 import sys
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -43,8 +43,12 @@ class PackOptions:
     progress: bool = True
 
 
-def pack_dataset(root: str | os.PathLike, out: str | os.PathLike, splits: Sequence[str] | None = None,
-                 options: PackOptions = PackOptions()) -> dict[str, ShardIndex]:
+def pack_dataset(
+    root: str | os.PathLike,
+    out: str | os.PathLike,
+    splits: Sequence[str] | None = None,
+    options: PackOptions = PackOptions(),
+) -> dict[str, ShardIndex]:
     """Pack every split of `root` present on disk (or the ones named) into `out/<split>/`."""
     root = Path(root)
     splits = list(splits) if splits else [s for s in layouts.SPLITS if (root / s).is_dir()]
@@ -58,7 +62,7 @@ def pack_dataset(root: str | os.PathLike, out: str | os.PathLike, splits: Sequen
 def pack_split(root: Path, split: str, out: Path, label_map: dict[int, int], options: PackOptions) -> ShardIndex:
     samples = layouts.scan_split(root, split, options.naming)
     per_shard = _samples_per_shard(root, samples, options)
-    plan = [samples[i:i + per_shard] for i in range(0, len(samples), per_shard)]
+    plan = [samples[i : i + per_shard] for i in range(0, len(samples), per_shard)]
     starts = list(range(0, len(samples), per_shard))
     out.mkdir(parents=True, exist_ok=True)
     parts = out / PARTS_DIR
@@ -66,8 +70,11 @@ def pack_split(root: Path, split: str, out: Path, label_map: dict[int, int], opt
     for folder in (out, parts):  # what killed writers left: only this run writes here
         remove_partials(folder)
 
-    jobs = [(root, out, shard, start, chunk, label_map, options.colors)
-            for shard, (start, chunk) in enumerate(zip(starts, plan)) if not _shard_done(out, shard, chunk)]
+    jobs = [
+        (root, out, shard, start, chunk, label_map, options.colors)
+        for shard, (start, chunk) in enumerate(zip(starts, plan))
+        if not _shard_done(out, shard, chunk)
+    ]
     done = len(samples) - sum(len(job[4]) for job in jobs)
     bar = tqdm(total=len(samples), initial=done, unit="sample", desc=f"pack {split}", disable=not options.progress)
     with bar:
@@ -91,7 +98,12 @@ def _samples_per_shard(root: Path, samples: list[layouts.Sample], options: PackO
     if not options.max_bytes:
         return options.max_count
     first = read_points(root / samples[0].path)
-    estimate = sum(len(data) + 1024 for _, data in encode_sample(0, first.xyz, first.rgb, {"pid": 0, "camid": 0, "label": 0, "path": samples[0].path}, options.colors))
+    estimate = sum(
+        len(data) + 1024
+        for _, data in encode_sample(
+            0, first.xyz, first.rgb, {"pid": 0, "camid": 0, "label": 0, "path": samples[0].path}, options.colors
+        )
+    )
     return max(1, min(options.max_count, options.max_bytes // estimate))
 
 
@@ -102,7 +114,10 @@ def _part_path(out: Path, shard: int) -> Path:
 def _shard_done(out: Path, shard: int, chunk: list[layouts.Sample]) -> bool:
     try:
         part = json.loads(_part_path(out, shard).read_text())
-        return part["paths"] == [s.path for s in chunk] and (out / shard_name(shard)).stat().st_size == part["entry"]["bytes"]
+        return (
+            part["paths"] == [s.path for s in chunk]
+            and (out / shard_name(shard)).stat().st_size == part["entry"]["bytes"]
+        )
     except (OSError, ValueError, KeyError):
         return False
 
@@ -120,7 +135,9 @@ def _write_planned_shard(job: tuple) -> int:
     return len(chunk)
 
 
-def _merge_parts(out: Path, split: str, plan: list, samples: list[layouts.Sample], label_map: dict[int, int], colors: str) -> ShardIndex:
+def _merge_parts(
+    out: Path, split: str, plan: list, samples: list[layouts.Sample], label_map: dict[int, int], colors: str
+) -> ShardIndex:
     shards, locations, shard_ids = [], [], []
     for shard, chunk in enumerate(plan):
         part = json.loads(_part_path(out, shard).read_text())
@@ -128,10 +145,15 @@ def _merge_parts(out: Path, split: str, plan: list, samples: list[layouts.Sample
         locations.extend(part["locations"])
         shard_ids.extend([shard] * len(chunk))
     return ShardIndex(
-        split=split, shards=shards, colors=colors,
-        pids=np.array([s.pid for s in samples]), camids=np.array([s.camid for s in samples]),
-        labels=np.array([label_map.get(s.pid, -1) for s in samples]), paths=[s.path for s in samples],
-        shard_ids=np.array(shard_ids), locations=np.array(locations, dtype=np.int64).reshape(-1, 3),
+        split=split,
+        shards=shards,
+        colors=colors,
+        pids=np.array([s.pid for s in samples]),
+        camids=np.array([s.camid for s in samples]),
+        labels=np.array([label_map.get(s.pid, -1) for s in samples]),
+        paths=[s.path for s in samples],
+        shard_ids=np.array(shard_ids),
+        locations=np.array(locations, dtype=np.int64).reshape(-1, 3),
         label_map=label_map,
     )
 
@@ -154,11 +176,16 @@ def verify_split(folder: str | os.PathLike) -> dict:
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             for i in np.flatnonzero(index.shard_ids == shard):
                 offset, length, crc = index.locations[i]
-                if zlib.crc32(data[offset:offset + length]) != crc:
+                if zlib.crc32(data[offset : offset + length]) != crc:
                     raise ShardError(f"{path}, sample {i}: checksum mismatch, the shard is corrupt")
             raise ShardError(f"{path}: sha256 mismatch, the shard is corrupt")
-    return {"split": index.split, "shards": len(index.shards), "samples": len(index),
-            "classes": index.num_classes, "bytes": sum(s["bytes"] for s in index.shards)}
+    return {
+        "split": index.split,
+        "shards": len(index.shards),
+        "samples": len(index),
+        "classes": index.num_classes,
+        "bytes": sum(s["bytes"] for s in index.shards),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -166,20 +193,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("root", help="data set folder with train_all/ query/ gallery/ ... (e.g. 3DMarket+bg)")
     p.add_argument("out", help="output folder; each split goes to OUT/<split>/")
     p.add_argument("--splits", nargs="+", choices=layouts.SPLITS, help="default: every split folder present")
-    p.add_argument("--max-count", type=int, default=PackOptions.max_count, help="samples per shard (default %(default)s)")
+    p.add_argument(
+        "--max-count", type=int, default=PackOptions.max_count, help="samples per shard (default %(default)s)"
+    )
     p.add_argument("--max-bytes", type=float, default=None, help="approximate bytes per shard, e.g. 5e8")
-    p.add_argument("--colors", choices=("float32", "uint8"), default="float32",
-                   help="float32 is lossless; uint8 stores k/255 (error <= 0.5/255), 2.3x smaller shards")
+    p.add_argument(
+        "--colors",
+        choices=("float32", "uint8"),
+        default="float32",
+        help="float32 is lossless; uint8 stores k/255 (error <= 0.5/255), 2.3x smaller shards",
+    )
     p.add_argument("--workers", type=int, default=PackOptions.workers)
     p.add_argument("--naming", choices=layouts.NAMING_SCHEMES, help="file naming scheme (default: detected)")
     args = p.parse_args(argv)
-    options = PackOptions(args.max_count, int(args.max_bytes) if args.max_bytes else None, args.colors, args.workers, args.naming)
+    options = PackOptions(
+        args.max_count, int(args.max_bytes) if args.max_bytes else None, args.colors, args.workers, args.naming
+    )
     try:
         indexes = pack_dataset(args.root, args.out, args.splits, options)
     except OgnetError as e:
         sys.exit(f"ognet-pack: error: {e}")
     for split, index in indexes.items():
-        print(f"{split}: {len(index)} samples, {index.num_classes} classes, {len(index.shards)} shards -> {Path(args.out) / split / INDEX_NAME}")
+        print(
+            f"{split}: {len(index)} samples, {index.num_classes} classes, {len(index.shards)} shards -> {Path(args.out) / split / INDEX_NAME}"
+        )
 
 
 def verify_main(argv: Sequence[str] | None = None) -> None:

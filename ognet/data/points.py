@@ -30,9 +30,24 @@ from ognet.io import atomic_write
 POINT_SUFFIXES = (".obj", ".ply", ".pcd", ".npy", ".npz")
 MAX_FILE_BYTES = 512 * 2**20  # a person is ~0.5 MB of text; anything this large is not a person
 HEADER_BYTES = 2**16  # .ply/.pcd headers are a few hundred bytes
-_PLY_TYPE_BYTES = {b"char": 1, b"uchar": 1, b"int8": 1, b"uint8": 1, b"short": 2, b"ushort": 2, b"int16": 2,
-                   b"uint16": 2, b"int": 4, b"uint": 4, b"int32": 4, b"uint32": 4, b"float": 4, b"float32": 4,
-                   b"double": 8, b"float64": 8}
+_PLY_TYPE_BYTES = {
+    b"char": 1,
+    b"uchar": 1,
+    b"int8": 1,
+    b"uint8": 1,
+    b"short": 2,
+    b"ushort": 2,
+    b"int16": 2,
+    b"uint16": 2,
+    b"int": 4,
+    b"uint": 4,
+    b"int32": 4,
+    b"uint32": 4,
+    b"float": 4,
+    b"float32": 4,
+    b"double": 8,
+    b"float64": 8,
+}
 
 
 class PointCloud(NamedTuple):
@@ -83,13 +98,15 @@ def validate_points(xyz: np.ndarray, rgb: np.ndarray | None, source: str | os.Pa
     rgb = rgb.astype(np.float32, copy=False)
     bad = ~np.isfinite(xyz).all(axis=1)
     if bad.any():
-        raise DataError(f"{source}: point {int(np.argmax(bad))} has a NaN or infinite coordinate "
-                        f"({int(bad.sum())} such points)")
+        raise DataError(
+            f"{source}: point {int(np.argmax(bad))} has a NaN or infinite coordinate ({int(bad.sum())} such points)"
+        )
     bad = ~((rgb >= 0) & (rgb <= 1)).all(axis=1)  # also catches NaN colours
     if bad.any():
         i = int(np.argmax(bad))
-        raise DataError(f"{source}: point {i} has colour {rgb[i].tolist()} outside [0, 1] "
-                        f"({int(bad.sum())} such points)")
+        raise DataError(
+            f"{source}: point {i} has colour {rgb[i].tolist()} outside [0, 1] ({int(bad.sum())} such points)"
+        )
     return PointCloud(np.ascontiguousarray(xyz), np.ascontiguousarray(rgb))
 
 
@@ -147,7 +164,7 @@ def _check_open3d_header(head: bytes, size: int, path: Path) -> None:
     if ply:
         points, needed = _ply_needs(lines, path)
     else:
-        points, needed = _pcd_needs(lines, head[pos:pos + 8], size - pos, path)
+        points, needed = _pcd_needs(lines, head[pos : pos + 8], size - pos, path)
     if needed > size - pos:
         raise DataError(f"{path}: header declares {points} points, more than the {size - pos} bytes after it hold")
 
@@ -156,7 +173,11 @@ def _ply_needs(lines: list[list[bytes]], path: Path) -> tuple[int, int]:
     """(vertices, fewest data bytes) of a PLY header: one element or property per line, as written."""
     bad = DataError(f"{path}: no points (not a readable .ply file: unexpected header)")
     formats = [words[1] for words in lines if words[:1] == [b"format"] and len(words) == 3]
-    if lines[0] != [b"ply"] or len(formats) != 1 or formats[0] not in (b"ascii", b"binary_little_endian", b"binary_big_endian"):
+    if (
+        lines[0] != [b"ply"]
+        or len(formats) != 1
+        or formats[0] not in (b"ascii", b"binary_little_endian", b"binary_big_endian")
+    ):
         raise bad
     ascii, elements = formats[0] == b"ascii", []  # [name, count, fewest bytes of one]
     for words in lines:
@@ -205,8 +226,10 @@ def _pcd_needs(lines: list[list[bytes]], block: bytes, data_bytes: int, path: Pa
         return points, points * point_bytes
     compressed, uncompressed = struct.unpack("<II", block) if len(block) == 8 else (-1, -1)
     if uncompressed != points * point_bytes or not 0 <= compressed <= data_bytes - 8:
-        raise DataError(f"{path}: binary_compressed block of {compressed} bytes ({uncompressed} uncompressed) "
-                        f"does not fit the header's {points} points of {point_bytes} bytes")
+        raise DataError(
+            f"{path}: binary_compressed block of {compressed} bytes ({uncompressed} uncompressed) "
+            f"does not fit the header's {points} points of {point_bytes} bytes"
+        )
     return points, points  # compressed, a point still takes a byte at least
 
 
@@ -238,7 +261,9 @@ def _npz_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path, max_bytes
     if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or info.flag_bits & 0x1:
         raise DataError(f"{path}: member {info.filename!r} is encrypted or compressed with method {info.compress_type}")
     if info.file_size > max_bytes:
-        raise DataError(f"{path}: member {info.filename!r} is {info.file_size} bytes, more than the limit of {max_bytes} bytes")
+        raise DataError(
+            f"{path}: member {info.filename!r} is {info.file_size} bytes, more than the limit of {max_bytes} bytes"
+        )
     with z.open(info) as f:
         return read_npy(f.read(info.file_size))
 

@@ -16,7 +16,7 @@ All modes drop the last incomplete batch.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -54,8 +54,10 @@ class StratifiedSampler:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is outside world size {world_size}")
         if global_batch_size < 1 or global_batch_size % world_size:
-            raise ConfigError(f"global_batch_size {global_batch_size} is not a positive multiple of the world size "
-                              f"{world_size}: every rank must get the same number of samples")
+            raise ConfigError(
+                f"global_batch_size {global_batch_size} is not a positive multiple of the world size "
+                f"{world_size}: every rank must get the same number of samples"
+            )
         if seed < 0 or k < 1:
             raise ConfigError(f"seed must be >= 0 and k >= 1, got seed {seed}, k {k}")
         if camera_aware and mode != "pk":
@@ -86,17 +88,21 @@ class StratifiedSampler:
         n, c, b, k = self.num_samples, self.num_classes, self.global_batch_size, self.k
         if self.mode == "pk":
             if b % k or (b // k) % self.world_size:
-                raise ConfigError(f"pk sampling: global_batch_size {b} must be P*k identities x instances with "
-                                  f"k {k} and P divisible by the world size {self.world_size}, so that every "
-                                  "rank gets whole identities")
+                raise ConfigError(
+                    f"pk sampling: global_batch_size {b} must be P*k identities x instances with "
+                    f"k {k} and P divisible by the world size {self.world_size}, so that every "
+                    "rank gets whole identities"
+                )
             steps = c // (b // k)
         elif self.mode == "class_sampler":
             steps = self.passes * (c * k // b)
         else:
             steps = n // b
         if steps == 0:
-            raise ConfigError(f"sampler mode {self.mode!r}: {n} samples of {c} classes give no full batch of "
-                              f"global_batch_size {b}: lower global_batch_size (or use fewer ranks)")
+            raise ConfigError(
+                f"sampler mode {self.mode!r}: {n} samples of {c} classes give no full batch of "
+                f"global_batch_size {b}: lower global_batch_size (or use fewer ranks)"
+            )
         return steps
 
     @property
@@ -113,7 +119,7 @@ class StratifiedSampler:
     def local_batch(self, epoch: int, step: int) -> np.ndarray:
         """This rank's contiguous part of the global batch: positions [r*B/W, (r+1)*B/W)."""
         start = self.rank * self.local_batch_size
-        return self.global_batch(epoch, step)[start:start + self.local_batch_size]
+        return self.global_batch(epoch, step)[start : start + self.local_batch_size]
 
     def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator[np.ndarray]:
         """This rank's batches of one epoch from `start_step` on (a resume starts mid-epoch)."""
@@ -151,7 +157,7 @@ class StratifiedSampler:
 
     def _instances(self, rng: np.random.Generator, c: int) -> np.ndarray:
         """K images of class c: distinct when it has K, topped up with repeats only when it has fewer."""
-        members = rng.permutation(self.by_class[self.starts[c]:self.starts[c] + self.counts[c]])
+        members = rng.permutation(self.by_class[self.starts[c] : self.starts[c] + self.counts[c]])
         if self.camera_aware:
             members = _interleave_cameras(rng, members, self.camids[members])
         if len(members) >= self.k:

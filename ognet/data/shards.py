@@ -33,9 +33,10 @@ import tarfile
 import tokenize
 import urllib.request
 import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -75,7 +76,9 @@ def sample_key(index: int) -> str:
 # Writing
 
 
-def encode_sample(index: int, xyz: np.ndarray, rgb: np.ndarray, meta: dict, colors: str = "float32") -> list[tuple[str, bytes]]:
+def encode_sample(
+    index: int, xyz: np.ndarray, rgb: np.ndarray, meta: dict, colors: str = "float32"
+) -> list[tuple[str, bytes]]:
     """The tar members of one sample, in a fixed order."""
     if colors == "uint8":
         rgb = np.rint(rgb * 255.0).astype(np.uint8)
@@ -115,8 +118,12 @@ def write_shard(path: str | os.PathLike, samples: Sequence[list[tuple[str, bytes
     data = buf.getvalue()
     with atomic_write(path) as f:
         f.write(data)
-    entry = {"name": Path(path).name, "num_samples": len(samples), "bytes": len(data),
-             "sha256": hashlib.sha256(data).hexdigest()}
+    entry = {
+        "name": Path(path).name,
+        "num_samples": len(samples),
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
     return entry, locations
 
 
@@ -151,12 +158,22 @@ class ShardIndex:
 
     def to_json(self) -> dict:
         return {
-            "format": INDEX_FORMAT, "version": INDEX_VERSION, "split": self.split, "colors": self.colors,
-            "num_samples": len(self), "shards": self.shards,
+            "format": INDEX_FORMAT,
+            "version": INDEX_VERSION,
+            "split": self.split,
+            "colors": self.colors,
+            "num_samples": len(self),
+            "shards": self.shards,
             "label_map": {str(k): v for k, v in self.label_map.items()},
             "class_counts": self.class_counts().tolist(),
-            "samples": {"pid": self.pids.tolist(), "camid": self.camids.tolist(), "label": self.labels.tolist(),
-                        "path": self.paths, "shard": self.shard_ids.tolist(), "location": self.locations.tolist()},
+            "samples": {
+                "pid": self.pids.tolist(),
+                "camid": self.camids.tolist(),
+                "label": self.labels.tolist(),
+                "path": self.paths,
+                "shard": self.shard_ids.tolist(),
+                "location": self.locations.tolist(),
+            },
         }
 
     def save(self, folder: str | os.PathLike) -> Path:
@@ -166,17 +183,23 @@ class ShardIndex:
         return path
 
     @classmethod
-    def from_json(cls, data: dict, source: str) -> "ShardIndex":
+    def from_json(cls, data: dict, source: str) -> ShardIndex:
         if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
-            raise ShardError(f"{source}: not an ognet shard index (format {data.get('format') if isinstance(data, dict) else None!r})")
+            raise ShardError(
+                f"{source}: not an ognet shard index (format {data.get('format') if isinstance(data, dict) else None!r})"
+            )
         if data.get("version") != INDEX_VERSION:
             raise ShardError(f"{source}: index version {data.get('version')!r}, this ognet reads {INDEX_VERSION}")
         try:
             s = data["samples"]
             index = cls(
-                split=data["split"], shards=[dict(shard) for shard in data["shards"]], colors=data.get("colors", "float32"),
-                pids=np.asarray(s["pid"], dtype=np.int64), camids=np.asarray(s["camid"], dtype=np.int64),
-                labels=np.asarray(s["label"], dtype=np.int64), paths=list(s["path"]),
+                split=data["split"],
+                shards=[dict(shard) for shard in data["shards"]],
+                colors=data.get("colors", "float32"),
+                pids=np.asarray(s["pid"], dtype=np.int64),
+                camids=np.asarray(s["camid"], dtype=np.int64),
+                labels=np.asarray(s["label"], dtype=np.int64),
+                paths=list(s["path"]),
                 shard_ids=np.asarray(s["shard"], dtype=np.int64),
                 locations=np.asarray(s["location"], dtype=np.int64).reshape(-1, 3),
                 label_map={int(k): int(v) for k, v in dict(data["label_map"]).items()},
@@ -192,7 +215,9 @@ class ShardIndex:
         n = len(self.pids)
         lengths = {len(self.camids), len(self.labels), len(self.paths), len(self.shard_ids), len(self.locations)}
         if lengths != {n} or (num_samples is not None and num_samples != n):
-            raise ShardError(f"{source}: per-sample arrays disagree in length ({sorted(lengths | {n})}, num_samples {num_samples})")
+            raise ShardError(
+                f"{source}: per-sample arrays disagree in length ({sorted(lengths | {n})}, num_samples {num_samples})"
+            )
         for shard in self.shards:
             name, size = shard.get("name"), shard.get("bytes")
             if not isinstance(name, str) or not _is_plain_name(name):
@@ -204,7 +229,9 @@ class ShardIndex:
             raise ShardError(f"{source}: a sample refers to a shard that is not listed")
         for shard, count in zip(self.shards, np.bincount(self.shard_ids, minlength=len(self.shards)).tolist()):
             if count != shard.get("num_samples"):
-                raise ShardError(f"{source}: shard {shard['name']} lists {shard.get('num_samples')!r} samples, the sample table {count}")
+                raise ShardError(
+                    f"{source}: shard {shard['name']} lists {shard.get('num_samples')!r} samples, the sample table {count}"
+                )
         sizes = np.asarray([s["bytes"] for s in self.shards], dtype=np.int64)[self.shard_ids]
         offsets, lengths = self.locations[:, 0], self.locations[:, 1]
         if ((offsets < 0) | (lengths <= 0) | (offsets > sizes - lengths)).any():  # not offset + length: it can wrap
@@ -290,7 +317,9 @@ class ShardReader:
             raise ShardError(f"sample {i}: {e}") from e
         size = os.fstat(f.fileno()).st_size  # checked first: read() allocates the length it is asked for
         if offset + length > size:
-            raise ShardError(f"{where}: shard is truncated ({max(size - offset, 0)} of {length} bytes at offset {offset})")
+            raise ShardError(
+                f"{where}: shard is truncated ({max(size - offset, 0)} of {length} bytes at offset {offset})"
+            )
         f.seek(offset)
         data = f.read(length)
         if zlib.crc32(data) != crc:
@@ -324,7 +353,7 @@ class ShardReader:
         if f is None:
             path = self.shard_path(shard)
             try:
-                f = self._files[shard] = open(path, "rb")
+                f = self._files[shard] = open(path, "rb")  # noqa: SIM115 (kept open for the reader's lifetime)
             except OSError as e:
                 raise ShardError(f"{path}: cannot open shard ({e.strerror or e})") from e
         return f
@@ -347,7 +376,7 @@ def read_tar_members(data: bytes, where: str) -> Iterator[tuple[str, bytes]]:
     """
     pos = 0
     while pos + TAR_BLOCK <= len(data):
-        header = data[pos:pos + TAR_BLOCK]
+        header = data[pos : pos + TAR_BLOCK]
         if header == _ZERO_BLOCK:  # the end-of-archive marker
             return
         try:
@@ -367,7 +396,7 @@ def read_tar_members(data: bytes, where: str) -> Iterator[tuple[str, bytes]]:
         start = pos + TAR_BLOCK
         if start + size > len(data):
             raise ShardError(f"{where}: member {name!r} is truncated")
-        yield name, data[start:start + size]
+        yield name, data[start : start + size]
         pos = start + -(-size // TAR_BLOCK) * TAR_BLOCK
     if pos < len(data):
         raise ShardError(f"{where}: corrupt tar data ({len(data) - pos} stray bytes at the end)")
@@ -426,15 +455,27 @@ def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool]:
 def make_sample(meta: dict, xyz: np.ndarray, rgb: np.ndarray, where: str) -> Sample:
     if rgb.dtype == np.uint8:
         rgb = rgb.astype(np.float32) / np.float32(255.0)
-    if xyz.dtype != np.float32 or rgb.dtype != np.float32 or xyz.ndim != 2 or xyz.shape[1:] != (3,) or rgb.shape != xyz.shape:
-        raise ShardError(f"{where}: arrays have unexpected shapes/dtypes xyz {xyz.dtype}{xyz.shape}, rgb {rgb.dtype}{rgb.shape}")
+    if (
+        xyz.dtype != np.float32
+        or rgb.dtype != np.float32
+        or xyz.ndim != 2
+        or xyz.shape[1:] != (3,)
+        or rgb.shape != xyz.shape
+    ):
+        raise ShardError(
+            f"{where}: arrays have unexpected shapes/dtypes xyz {xyz.dtype}{xyz.shape}, rgb {rgb.dtype}{rgb.shape}"
+        )
     try:
-        return Sample(int(meta["index"]), xyz, rgb, int(meta["pid"]), int(meta["camid"]), int(meta["label"]), str(meta["path"]))
+        return Sample(
+            int(meta["index"]), xyz, rgb, int(meta["pid"]), int(meta["camid"]), int(meta["label"]), str(meta["path"])
+        )
     except (KeyError, TypeError, ValueError, OverflowError) as e:  # OverflowError: int(Infinity)
         raise ShardError(f"{where}: sample metadata is malformed ({e})") from e
 
 
-def stream_split(location: str | os.PathLike, cache_dir: str | os.PathLike | None = None, **webdataset_kwargs) -> Iterator[Sample]:
+def stream_split(
+    location: str | os.PathLike, cache_dir: str | os.PathLike | None = None, **webdataset_kwargs
+) -> Iterator[Sample]:
     """Sequential read of a packed split with a plain webdataset pipeline, in sample order.
 
     Remote shards go through the same local cache as `ShardReader`. Extra keyword arguments go to
@@ -462,7 +503,13 @@ def stream_split(location: str | os.PathLike, cache_dir: str | os.PathLike | Non
         if url is not None and read != expected[url]:
             raise ShardError(f"{url}: {read} samples read, the index lists {expected[url]} (corrupt tar data)")
 
-    kwargs = {"shardshuffle": False, "nodesplitter": None, "workersplitter": None, "empty_check": False, **webdataset_kwargs}
+    kwargs = {
+        "shardshuffle": False,
+        "nodesplitter": None,
+        "workersplitter": None,
+        "empty_check": False,
+        **webdataset_kwargs,
+    }
     where = f"{location}, before the first sample"
     try:
         for sample in wds.WebDataset(urls, **kwargs):

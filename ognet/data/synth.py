@@ -79,11 +79,15 @@ class SynthConfig:
             (self.train_ids + self.test_ids <= 9999, "train_ids + test_ids must be at most 9999 (4-digit pids)"),
             (self.train_images >= self.train_ids, "train_images must be at least train_ids (one image per identity)"),
             (self.query_images >= self.test_ids, "query_images must be at least test_ids (one query per identity)"),
-            (self.gallery_images >= 2 * self.test_ids,
-             "gallery_images must be at least 2 * test_ids (two cameras per test identity)"),
+            (
+                self.gallery_images >= 2 * self.test_ids,
+                "gallery_images must be at least 2 * test_ids (two cameras per test identity)",
+            ),
             (2 <= self.cameras <= 9, "cameras must be 2..9 (cross-camera matches; one digit in the name)"),
-            (self.points >= 128 and self.points == 2 * math.isqrt(self.points // 2) ** 2,
-             "points must be 2 * w * w for an image of 2w x w pixels, e.g. 8192 (128 x 64) or 2048 (64 x 32)"),
+            (
+                self.points >= 128 and self.points == 2 * math.isqrt(self.points // 2) ** 2,
+                "points must be 2 * w * w for an image of 2w x w pixels, e.g. 8192 (128 x 64) or 2048 (64 x 32)",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -92,13 +96,22 @@ class SynthConfig:
 
 PRESETS = {
     # test-size: seconds to write
-    "tiny": SynthConfig(train_ids=8, train_images=48, test_ids=6, query_images=12, gallery_images=36,
-                        distractors=4, junk=4, cameras=4),
+    "tiny": SynthConfig(
+        train_ids=8, train_images=48, test_ids=6, query_images=12, gallery_images=36, distractors=4, junk=4, cameras=4
+    ),
     # the demo set: trains within minutes on 2 CPU cores
     "small": SynthConfig(),
     # Market-1501's sizes
-    "market": SynthConfig(train_ids=751, train_images=12936, test_ids=750, query_images=3368,
-                          gallery_images=13120, distractors=2793, junk=3819, cameras=6),
+    "market": SynthConfig(
+        train_ids=751,
+        train_images=12936,
+        test_ids=750,
+        query_images=3368,
+        gallery_images=13120,
+        distractors=2793,
+        junk=3819,
+        cameras=6,
+    ),
 }
 
 # Seed streams: np.random.default_rng([seed, stream, ...]). Split streams are the split's index.
@@ -136,14 +149,16 @@ def plan_images(config: SynthConfig) -> list[ImageSpec]:
     rng = np.random.default_rng([config.seed, _PLAN])
     pids = rng.permutation(np.arange(1, config.train_ids + config.test_ids + 1))
     train_pids = sorted(pids[: config.train_ids].tolist())
-    test_pids = sorted(pids[config.train_ids:].tolist())
+    test_pids = sorted(pids[config.train_ids :].tolist())
     specs: list[ImageSpec] = []
 
     def add(split: str, pid: int, cameras: list[int]) -> None:
         for index, camera in enumerate(cameras):
             frame = 200_000 * SPLITS.index(split) + 8 * index + int(rng.integers(1, 9))
-            name = (f"{_pid_text(pid)}_c{camera}s{int(rng.integers(1, 7))}"
-                    f"_{frame:06d}_{int(rng.integers(1, 9)):02d}.jpg.obj")
+            name = (
+                f"{_pid_text(pid)}_c{camera}s{int(rng.integers(1, 7))}"
+                f"_{frame:06d}_{int(rng.integers(1, 9)):02d}.jpg.obj"
+            )
             specs.append(ImageSpec(split, pid, index, camera, name))
 
     def camera_cycle(count: int) -> list[int]:
@@ -161,7 +176,7 @@ def plan_images(config: SynthConfig) -> list[ImageSpec]:
         add("gallery", pid, [int(c) for c in rng.integers(1, config.cameras + 1, count)])
     for pid, count in zip(test_pids, gallery):
         # the gallery starts one camera later than the queries: index 0 is then another camera
-        add("gallery", pid, (test_cameras[pid] * 2)[1: count + 1])
+        add("gallery", pid, (test_cameras[pid] * 2)[1 : count + 1])
     return sorted(specs, key=lambda s: (SPLITS.index(s.split), s.pid, s.index))
 
 
@@ -185,11 +200,21 @@ def _share(total: int, n: int, rng: np.random.Generator) -> list[int]:
 # (name, kind, size): spheres and domes take a point count, tubes (rings, points per ring). Counts
 # give ~2 samples per pixel on surfaces facing the camera, so few pixels inside a silhouette are empty.
 _PARTS = (
-    ("head", "sphere", 1500), ("hair", "sphere", 700), ("neck", "tube", (12, 28)),
-    ("torso", "tube", (56, 96)), ("shoulders", "dome", 700),
-    ("arm_l", "tube", (52, 30)), ("hand_l", "sphere", 280), ("arm_r", "tube", (52, 30)), ("hand_r", "sphere", 280),
-    ("leg_l", "tube", (80, 48)), ("foot_l", "sphere", 420), ("leg_r", "tube", (80, 48)), ("foot_r", "sphere", 420),
-    ("backpack", "sphere", 2100), ("bag", "sphere", 840),
+    ("head", "sphere", 1500),
+    ("hair", "sphere", 700),
+    ("neck", "tube", (12, 28)),
+    ("torso", "tube", (56, 96)),
+    ("shoulders", "dome", 700),
+    ("arm_l", "tube", (52, 30)),
+    ("hand_l", "sphere", 280),
+    ("arm_r", "tube", (52, 30)),
+    ("hand_r", "sphere", 280),
+    ("leg_l", "tube", (80, 48)),
+    ("foot_l", "sphere", 420),
+    ("leg_r", "tube", (80, 48)),
+    ("foot_r", "sphere", 420),
+    ("backpack", "sphere", 2100),
+    ("bag", "sphere", 840),
 )
 # Limbs swing about their joint together with what hangs on them.
 _LIMBS = (("arm_l", "hand_l"), ("arm_r", "hand_r"), ("leg_l", "foot_l"), ("leg_r", "foot_r"))
@@ -248,21 +273,69 @@ def _tapered_tube(unit: np.ndarray, top, length: float, r_top, r_end) -> tuple[n
 SKIN, HAIR, TOP, ACCENT, BOTTOM, SHOES, BAG, HAT = range(8)
 
 # Small weighted palettes: dark and plain clothes dominate, as in Market, so look-alikes are common.
-_SKIN = ([(0.92, 0.76, 0.65), (0.85, 0.66, 0.52), (0.72, 0.53, 0.40), (0.55, 0.38, 0.27), (0.38, 0.26, 0.18)],
-         [0.35, 0.3, 0.2, 0.1, 0.05])
-_HAIR = ([(0.06, 0.05, 0.05), (0.20, 0.13, 0.08), (0.40, 0.27, 0.15), (0.75, 0.62, 0.38), (0.60, 0.60, 0.60)],
-         [0.5, 0.25, 0.1, 0.08, 0.07])
-_CLOTHES = ([(0.08, 0.08, 0.09), (0.92, 0.92, 0.90), (0.50, 0.50, 0.52), (0.28, 0.28, 0.30), (0.10, 0.13, 0.30),
-             (0.20, 0.35, 0.70), (0.60, 0.72, 0.88), (0.75, 0.12, 0.14), (0.92, 0.60, 0.70), (0.92, 0.80, 0.25),
-             (0.20, 0.48, 0.25), (0.62, 0.57, 0.38), (0.42, 0.28, 0.18), (0.45, 0.25, 0.55), (0.92, 0.50, 0.15)],
-            [0.18, 0.14, 0.1, 0.08, 0.08, 0.06, 0.05, 0.06, 0.04, 0.04, 0.04, 0.04, 0.04, 0.03, 0.02])
-_BOTTOMS = ([(0.08, 0.08, 0.09), (0.10, 0.13, 0.30), (0.25, 0.35, 0.55), (0.50, 0.50, 0.52), (0.28, 0.28, 0.30),
-             (0.62, 0.57, 0.38), (0.80, 0.72, 0.58), (0.92, 0.92, 0.90), (0.42, 0.28, 0.18)],
-            [0.3, 0.1, 0.2, 0.1, 0.1, 0.07, 0.05, 0.04, 0.04])
-_SHOES = ([(0.08, 0.08, 0.09), (0.92, 0.92, 0.90), (0.50, 0.50, 0.52), (0.42, 0.28, 0.18), (0.75, 0.12, 0.14),
-           (0.20, 0.35, 0.70)], [0.35, 0.3, 0.1, 0.15, 0.05, 0.05])
-_SCENES = [(0.60, 0.60, 0.58), (0.75, 0.70, 0.60), (0.55, 0.33, 0.25), (0.30, 0.42, 0.25), (0.25, 0.30, 0.33),
-           (0.35, 0.35, 0.36), (0.55, 0.52, 0.48), (0.75, 0.75, 0.72)]
+_SKIN = (
+    [(0.92, 0.76, 0.65), (0.85, 0.66, 0.52), (0.72, 0.53, 0.40), (0.55, 0.38, 0.27), (0.38, 0.26, 0.18)],
+    [0.35, 0.3, 0.2, 0.1, 0.05],
+)
+_HAIR = (
+    [(0.06, 0.05, 0.05), (0.20, 0.13, 0.08), (0.40, 0.27, 0.15), (0.75, 0.62, 0.38), (0.60, 0.60, 0.60)],
+    [0.5, 0.25, 0.1, 0.08, 0.07],
+)
+_CLOTHES = (
+    [
+        (0.08, 0.08, 0.09),
+        (0.92, 0.92, 0.90),
+        (0.50, 0.50, 0.52),
+        (0.28, 0.28, 0.30),
+        (0.10, 0.13, 0.30),
+        (0.20, 0.35, 0.70),
+        (0.60, 0.72, 0.88),
+        (0.75, 0.12, 0.14),
+        (0.92, 0.60, 0.70),
+        (0.92, 0.80, 0.25),
+        (0.20, 0.48, 0.25),
+        (0.62, 0.57, 0.38),
+        (0.42, 0.28, 0.18),
+        (0.45, 0.25, 0.55),
+        (0.92, 0.50, 0.15),
+    ],
+    [0.18, 0.14, 0.1, 0.08, 0.08, 0.06, 0.05, 0.06, 0.04, 0.04, 0.04, 0.04, 0.04, 0.03, 0.02],
+)
+_BOTTOMS = (
+    [
+        (0.08, 0.08, 0.09),
+        (0.10, 0.13, 0.30),
+        (0.25, 0.35, 0.55),
+        (0.50, 0.50, 0.52),
+        (0.28, 0.28, 0.30),
+        (0.62, 0.57, 0.38),
+        (0.80, 0.72, 0.58),
+        (0.92, 0.92, 0.90),
+        (0.42, 0.28, 0.18),
+    ],
+    [0.3, 0.1, 0.2, 0.1, 0.1, 0.07, 0.05, 0.04, 0.04],
+)
+_SHOES = (
+    [
+        (0.08, 0.08, 0.09),
+        (0.92, 0.92, 0.90),
+        (0.50, 0.50, 0.52),
+        (0.42, 0.28, 0.18),
+        (0.75, 0.12, 0.14),
+        (0.20, 0.35, 0.70),
+    ],
+    [0.35, 0.3, 0.1, 0.15, 0.05, 0.05],
+)
+_SCENES = [
+    (0.60, 0.60, 0.58),
+    (0.75, 0.70, 0.60),
+    (0.55, 0.33, 0.25),
+    (0.30, 0.42, 0.25),
+    (0.25, 0.30, 0.33),
+    (0.35, 0.35, 0.36),
+    (0.55, 0.52, 0.48),
+    (0.75, 0.75, 0.72),
+]
 
 
 def _pick(rng: np.random.Generator, palette: tuple[list, list]) -> np.ndarray:
@@ -311,27 +384,81 @@ def make_identity(rng: np.random.Generator) -> Identity:
         xyz[parts[name]], normal[parts[name]] = points
 
     put("head", _ellipsoid(unit[parts["head"]], head_c, (0.78 * head_r, head_r, 0.88 * head_r)))
-    put("hair", _ellipsoid(unit[parts["hair"]], head_c + [0, -0.5 * head_r, -0.45 * head_r],
-                           (0.85 * head_r, 1.35 * head_r, 0.6 * head_r)))
-    put("neck", _tapered_tube(unit[parts["neck"]], [0, shoulder_y + neck + 0.3 * head_r, 0],
-                              neck + 0.3 * head_r, (0.35 * head_r,) * 2, (0.4 * head_r,) * 2))
-    put("torso", _tapered_tube(unit[parts["torso"]], [0, shoulder_y, 0], torso_len,
-                               (shoulder_w, depth), (hip_w, 0.95 * depth)))
+    put(
+        "hair",
+        _ellipsoid(
+            unit[parts["hair"]],
+            head_c + [0, -0.5 * head_r, -0.45 * head_r],
+            (0.85 * head_r, 1.35 * head_r, 0.6 * head_r),
+        ),
+    )
+    put(
+        "neck",
+        _tapered_tube(
+            unit[parts["neck"]],
+            [0, shoulder_y + neck + 0.3 * head_r, 0],
+            neck + 0.3 * head_r,
+            (0.35 * head_r,) * 2,
+            (0.4 * head_r,) * 2,
+        ),
+    )
+    put(
+        "torso",
+        _tapered_tube(unit[parts["torso"]], [0, shoulder_y, 0], torso_len, (shoulder_w, depth), (hip_w, 0.95 * depth)),
+    )
     put("shoulders", _ellipsoid(unit[parts["shoulders"]], [0, shoulder_y, 0], (shoulder_w, 0.05 * height, depth)))
     for side, sign in (("l", 1), ("r", -1)):
-        put(f"arm_{side}", _tapered_tube(unit[parts[f"arm_{side}"]], [sign * arm_x, shoulder_y, 0], arm_len,
-                                         (arm_r, arm_r), (0.75 * arm_r, 0.75 * arm_r)))
+        put(
+            f"arm_{side}",
+            _tapered_tube(
+                unit[parts[f"arm_{side}"]],
+                [sign * arm_x, shoulder_y, 0],
+                arm_len,
+                (arm_r, arm_r),
+                (0.75 * arm_r, 0.75 * arm_r),
+            ),
+        )
         hand_y = shoulder_y - arm_len - 0.03 * height
-        put(f"hand_{side}", _ellipsoid(unit[parts[f"hand_{side}"]], [sign * arm_x, hand_y, 0],
-                                       (0.7 * arm_r, 0.045 * height, 0.9 * arm_r)))
-        put(f"leg_{side}", _tapered_tube(unit[parts[f"leg_{side}"]], [sign * leg_x, hip_y, 0], leg_len,
-                                         (leg_r, leg_r), (0.62 * leg_r, 0.62 * leg_r)))
-        put(f"foot_{side}", _ellipsoid(unit[parts[f"foot_{side}"]], [sign * leg_x, 0.55 * foot_h, 0.03 * height],
-                                       (0.028 * height, 0.55 * foot_h + 0.01, 0.07 * height)))
-    put("backpack", _ellipsoid(unit[parts["backpack"]], [0, hip_y + 0.6 * torso_len, -depth - 0.045 * height],
-                               (0.8 * shoulder_w, 0.13 * height, 0.05 * height)))
-    put("bag", _ellipsoid(unit[parts["bag"]], [-(hip_w + 0.035 * height), hip_y + 0.02 * height, 0],
-                          (0.02 * height, 0.055 * height, 0.07 * height)))
+        put(
+            f"hand_{side}",
+            _ellipsoid(
+                unit[parts[f"hand_{side}"]], [sign * arm_x, hand_y, 0], (0.7 * arm_r, 0.045 * height, 0.9 * arm_r)
+            ),
+        )
+        put(
+            f"leg_{side}",
+            _tapered_tube(
+                unit[parts[f"leg_{side}"]],
+                [sign * leg_x, hip_y, 0],
+                leg_len,
+                (leg_r, leg_r),
+                (0.62 * leg_r, 0.62 * leg_r),
+            ),
+        )
+        put(
+            f"foot_{side}",
+            _ellipsoid(
+                unit[parts[f"foot_{side}"]],
+                [sign * leg_x, 0.55 * foot_h, 0.03 * height],
+                (0.028 * height, 0.55 * foot_h + 0.01, 0.07 * height),
+            ),
+        )
+    put(
+        "backpack",
+        _ellipsoid(
+            unit[parts["backpack"]],
+            [0, hip_y + 0.6 * torso_len, -depth - 0.045 * height],
+            (0.8 * shoulder_w, 0.13 * height, 0.05 * height),
+        ),
+    )
+    put(
+        "bag",
+        _ellipsoid(
+            unit[parts["bag"]],
+            [-(hip_w + 0.035 * height), hip_y + 0.02 * height, 0],
+            (0.02 * height, 0.055 * height, 0.07 * height),
+        ),
+    )
 
     # Clothing: which parts get which colour.
     hair_style = rng.choice(["short", "long", "hat", "bald"], p=[0.5, 0.3, 0.15, 0.05])
@@ -348,8 +475,12 @@ def make_identity(rng: np.random.Generator) -> Identity:
     role[parts["head"]] = np.where(covered, HAT if hair_style == "hat" else HAIR, SKIN)
     role[parts["hair"]] = HAIR
     c, t, s = unit[parts["torso"]].T
-    accent = {"plain": np.zeros_like(t, dtype=bool), "stripes": np.sin(2 * np.pi * 5 * t) > 0.4,
-              "logo": (s > 0.6) & (t > 0.2) & (t < 0.5), "open": (s > 0) & (np.abs(c) < 0.25)}[pattern]
+    accent = {
+        "plain": np.zeros_like(t, dtype=bool),
+        "stripes": np.sin(2 * np.pi * 5 * t) > 0.4,
+        "logo": (s > 0.6) & (t > 0.2) & (t < 0.5),
+        "open": (s > 0) & (np.abs(c) < 0.25),
+    }[pattern]
     role[parts["torso"]] = np.where(t > waist, BOTTOM, np.where(accent, ACCENT, TOP))
     role[parts["shoulders"]] = TOP
     for side in "lr":
@@ -360,15 +491,32 @@ def make_identity(rng: np.random.Generator) -> Identity:
         role[parts[f"foot_{side}"]] = SHOES
     role[parts["backpack"]] = role[parts["bag"]] = BAG
 
-    colours = np.stack([_pick(rng, _SKIN), _pick(rng, _HAIR), _pick(rng, _CLOTHES), _pick(rng, _CLOTHES),
-                        _pick(rng, _BOTTOMS), _pick(rng, _SHOES), _pick(rng, _CLOTHES), _pick(rng, _CLOTHES)])
+    colours = np.stack(
+        [
+            _pick(rng, _SKIN),
+            _pick(rng, _HAIR),
+            _pick(rng, _CLOTHES),
+            _pick(rng, _CLOTHES),
+            _pick(rng, _BOTTOMS),
+            _pick(rng, _SHOES),
+            _pick(rng, _CLOTHES),
+            _pick(rng, _CLOTHES),
+        ]
+    )
     present = np.ones(n, dtype=bool)
     present[parts["hair"]] = hair_style == "long"
     present[parts["backpack"]] = rng.random() < 0.25
     present[parts["bag"]] = rng.random() < 0.2
-    return Identity(height=height, xyz=xyz, normal=normal, albedo=colours[role], present=present, joints=joints,
-                    swing=(rng.uniform(0.15, 0.45), rng.uniform(0.2, 0.45)),
-                    shine=float(rng.choice([0.0, 0.25, 0.6], p=[0.6, 0.3, 0.1])))
+    return Identity(
+        height=height,
+        xyz=xyz,
+        normal=normal,
+        albedo=colours[role],
+        present=present,
+        joints=joints,
+        swing=(rng.uniform(0.15, 0.45), rng.uniform(0.2, 0.45)),
+        shine=float(rng.choice([0.0, 0.25, 0.6], p=[0.6, 0.3, 0.1])),
+    )
 
 
 @functools.lru_cache(maxsize=8)  # images come in pid order; an identity is ~2 MB
@@ -403,10 +551,17 @@ def camera_of(seed: int, camera: int) -> Camera:
     def scene() -> np.ndarray:
         return np.clip(np.asarray(_SCENES[rng.integers(len(_SCENES))]) + rng.normal(0, 0.04, 3), 0, 1)
 
-    return Camera(pitch=rng.uniform(0.08, 0.35),
-                  light=_normalise(np.array([rng.uniform(-0.6, 0.6), rng.uniform(0.3, 1.0), rng.uniform(0.4, 1.0)])),
-                  gain=rng.uniform(0.75, 1.05), cast=1 + rng.normal(0, 0.06, 3), wall=scene(), ground=scene(),
-                  horizon=rng.uniform(0.45, 0.75), stripe_period=rng.uniform(6, 30), stripe_depth=rng.uniform(0, 0.12))
+    return Camera(
+        pitch=rng.uniform(0.08, 0.35),
+        light=_normalise(np.array([rng.uniform(-0.6, 0.6), rng.uniform(0.3, 1.0), rng.uniform(0.4, 1.0)])),
+        gain=rng.uniform(0.75, 1.05),
+        cast=1 + rng.normal(0, 0.06, 3),
+        wall=scene(),
+        ground=scene(),
+        horizon=rng.uniform(0.45, 0.75),
+        stripe_period=rng.uniform(6, 30),
+        stripe_depth=rng.uniform(0, 0.12),
+    )
 
 
 def _rotation(yaw: float, pitch: float) -> np.ndarray:
@@ -417,8 +572,9 @@ def _rotation(yaw: float, pitch: float) -> np.ndarray:
     return tilt @ turn
 
 
-def render_person(identity: Identity, camera: Camera, rng: np.random.Generator, points: int = 8192,
-                  junk: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def render_person(
+    identity: Identity, camera: Camera, rng: np.random.Generator, points: int = 8192, junk: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """One image of a person: (xyz, rgb), `points` rows, visible body points first, then background.
 
     The camera is orthographic along -z (the original's weak perspective); x is right, y up. A
@@ -483,8 +639,10 @@ def render_person(identity: Identity, camera: Camera, rng: np.random.Generator, 
     free[row[body] * cols + col[body]] = False
     free_row, free_col = np.divmod(np.flatnonzero(free), cols)
     plane_z = (body_xyz[:, 2].min() if len(body) else 0.0) - rng.uniform(0.05, 0.3)
-    bg_xyz = np.stack([(free_col + 0.5 - centre_col) * pixel, (centre_row - free_row - 0.5) * pixel,
-                       np.full(len(free_row), plane_z)], axis=1)
+    bg_xyz = np.stack(
+        [(free_col + 0.5 - centre_col) * pixel, (centre_row - free_row - 0.5) * pixel, np.full(len(free_row), plane_z)],
+        axis=1,
+    )
     bg_rgb = background[free_row, free_col] * gain * cast
     bg_rgb = np.where(np.isnan(bg_rgb), 1.0, bg_rgb)  # glare: over-exposed, pure white "blank" pixels
 
@@ -511,23 +669,23 @@ def _background(camera: Camera, rng: np.random.Generator, rows: int, cols: int) 
     for _ in range(rng.integers(0, 3)):
         h, w = int(rows * rng.uniform(0.08, 0.4)), int(cols * rng.uniform(0.06, 0.2)) + 1
         top, left = rng.integers(0, rows - h), rng.integers(-w // 2, cols - w // 2)
-        image[top: top + h, max(left, 0): left + w] = _pick(rng, _CLOTHES)
+        image[top : top + h, max(left, 0) : left + w] = _pick(rng, _CLOTHES)
 
     occluded = np.zeros((rows, cols), dtype=bool)
     kind = rng.choice(["none", "below", "side"], p=[0.75, 0.15, 0.1])
     if kind == "below":  # a bench, a bicycle, a car bonnet
-        occluded[int(rows * rng.uniform(0.7, 0.92)):] = True
+        occluded[int(rows * rng.uniform(0.7, 0.92)) :] = True
     elif kind == "side":  # a pole, a passer-by
         width = int(cols * rng.uniform(0.1, 0.3))
         left = int(rng.integers(0, cols - width))
-        occluded[:, left: left + width] = True
+        occluded[:, left : left + width] = True
     image[occluded] = _pick(rng, _CLOTHES)
     image = image + rng.normal(0, 0.02, image.shape)
 
     h, w = rng.integers(1, 4), rng.integers(1, 4)
     top, edge = rng.integers(0, rows - h), rng.integers(0, cols // 8)
     left = edge if rng.random() < 0.5 else cols - w - edge  # near the left or right edge: rarely hidden
-    image[top: top + h, left: left + w] = np.nan
+    image[top : top + h, left : left + w] = np.nan
     return image, occluded
 
 
@@ -546,8 +704,9 @@ def _write(out_dir: Path, config: SynthConfig, spec: ImageSpec) -> None:
     write_obj(out_dir / spec.path, *render_image(spec, config))
 
 
-def generate_dataset(out_dir: str | os.PathLike, config: SynthConfig, workers: int | None = None,
-                     progress: bool = True) -> dict[str, int]:
+def generate_dataset(
+    out_dir: str | os.PathLike, config: SynthConfig, workers: int | None = None, progress: bool = True
+) -> dict[str, int]:
     """Write every planned file that does not exist yet; return file counts per split and of this run.
 
     Files are written atomically, so an interrupted run leaves only complete files and a re-run
@@ -581,8 +740,10 @@ def _check_manifest(out: Path, config: SynthConfig) -> None:
         have = json.loads(path.read_text())
         if have != want:
             diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
-            raise ConfigError(f"{out}: holds a synthetic data set made with other settings "
-                              f"(setting: (there, requested) = {diff}); choose another output folder or delete it")
+            raise ConfigError(
+                f"{out}: holds a synthetic data set made with other settings "
+                f"(setting: (there, requested) = {diff}); choose another output folder or delete it"
+            )
         return
     with atomic_write(path, "w") as f:
         json.dump(want, f, indent=1)
@@ -590,10 +751,15 @@ def _check_manifest(out: Path, config: SynthConfig) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="ognet-synth", description="Write a synthetic person re-id data set in the 3DMarket+bg layout.")
+        prog="ognet-synth", description="Write a synthetic person re-id data set in the 3DMarket+bg layout."
+    )
     parser.add_argument("--out", required=True, help="output folder (gets train_all/, query/, gallery/)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="small",
-                        help="sizes: tiny (tests), small (the demo, default), market (Market-1501)")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="small",
+        help="sizes: tiny (tests), small (the demo, default), market (Market-1501)",
+    )
     for field in dataclasses.fields(SynthConfig):
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=int, help=f"override the preset's {field.name}")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel processes (default: all cores)")
@@ -608,7 +774,9 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     counts = generate_dataset(args.out, config, workers=args.workers, progress=not args.no_progress)
     seconds = time.perf_counter() - start
-    print(f"synth: train_all {counts['train_all']}, query {counts['query']}, gallery {counts['gallery']} files "
-          f"({config.train_ids} train ids, {config.test_ids} test ids, {config.distractors} distractors, "
-          f"{config.junk} junk) in {args.out}; wrote {counts['written']}, skipped {counts['skipped']}, "
-          f"{seconds:.1f} s ({counts['written'] / seconds:.1f} files/s)")
+    print(
+        f"synth: train_all {counts['train_all']}, query {counts['query']}, gallery {counts['gallery']} files "
+        f"({config.train_ids} train ids, {config.test_ids} test ids, {config.distractors} distractors, "
+        f"{config.junk} junk) in {args.out}; wrote {counts['written']}, skipped {counts['skipped']}, "
+        f"{seconds:.1f} s ({counts['written'] / seconds:.1f} files/s)"
+    )

@@ -36,8 +36,9 @@ class TransformConfig:
             raise ConfigError(f"data.erase must be in [0, 1], got {self.erase}")
 
 
-def transform(xyz: np.ndarray, rgb: np.ndarray, config: TransformConfig,
-              rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
+def transform(
+    xyz: np.ndarray, rgb: np.ndarray, config: TransformConfig, rng: np.random.Generator | None
+) -> tuple[np.ndarray, np.ndarray]:
     """Apply the original's per-sample pipeline. `rng=None` means test time (deterministic).
 
     Returns float32 xyz (P, 3) and rgb (P, 3) with colours shifted to [-0.5, 0.5].
@@ -64,7 +65,7 @@ def transform(xyz: np.ndarray, rgb: np.ndarray, config: TransformConfig,
     if train and config.erase > 0:
         length = int(round(rng.random() * config.erase * len(rgb)))
         start = int(rng.integers(0, max(len(rgb) - length, 1)))
-        rgb[start:start + length] = 0.5
+        rgb[start : start + length] = 0.5
     return xyz.astype(np.float32, copy=False), (rgb - 0.5).astype(np.float32, copy=False)
 
 

@@ -6,7 +6,7 @@ Sub-module names (`mlps`, `se_reduce`, `se_expand`) and the position of every la
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -11,14 +11,15 @@ import argparse
 import ast
 import pickle
 import sys
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ognet.errors import OgnetError
 from ognet.checkpoint import save_checkpoint
 from ognet.config import plain
+from ognet.errors import OgnetError
 from ognet.model.network import VARIANTS, OGNet, build_model
 
 PREFIX = "module."

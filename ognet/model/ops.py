@@ -11,8 +11,8 @@ and the test oracle. Index ops return int64 indices on the input's device and ca
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor

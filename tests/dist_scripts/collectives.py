@@ -17,8 +17,14 @@ from ognet import dist
 def check(out: Path) -> None:
     info = dist.init_distributed(timeout_s=60)
     r, w = info.rank, info.world_size
-    result = {"rank": r, "local_rank": info.local_rank, "world_size": w, "backend": info.backend,
-              "device": str(info.device), "is_main": info.is_main}
+    result = {
+        "rank": r,
+        "local_rank": info.local_rank,
+        "world_size": w,
+        "backend": info.backend,
+        "device": str(info.device),
+        "is_main": info.is_main,
+    }
 
     # Rank r holds r + 1 rows filled with r.
     result["uneven"] = dist.all_gather_uneven(torch.full((r + 1, 2), float(r))).tolist()
