@@ -57,10 +57,9 @@ def run(shards: Path, run_dir: Path, world: int, steps: int, batch: int, workers
     ]
     subprocess.run([str(c) for c in cmd], check=True, capture_output=True, env=env)
     events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0}).Reload()
+    # logged every step, so each value is one step's time (the log window); the first is start-up
     times = [e.value for e in sorted(events.Scalars("train/step_time_s"), key=lambda e: e.step)]
-    # step_time_s is the mean since the epoch start; recover per-step times, drop the first (start-up)
-    per_step = [times[0]] + [(i + 1) * t - i * p for i, (p, t) in enumerate(zip(times, times[1:]), start=1)]
-    return batch / statistics.median(per_step[1:])
+    return batch / statistics.median(times[1:])
 
 
 def main() -> None:

@@ -108,8 +108,10 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     return steps[-1][1] if steps else None
 
 
-def prune_checkpoints(folder: str | Path, keep: int) -> None:
-    """Keep the newest `keep` training checkpoints (and their DeepSpeed partitions)."""
+def prune_checkpoints(folder: str | Path, keep: int, partitions: tuple[str, ...] = ()) -> None:
+    """Keep the newest `keep` training checkpoints, and the per-rank parts stored beside them in
+    `<folder>/<partition>/<checkpoint name>/` (DeepSpeed's)."""
     for _, path in checkpoint_steps(folder)[:-keep] if keep > 0 else []:
         path.unlink(missing_ok=True)
-        shutil.rmtree(path.parent / "deepspeed" / path.name, ignore_errors=True)
+        for name in partitions:
+            shutil.rmtree(path.parent / name / path.name, ignore_errors=True)

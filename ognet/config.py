@@ -3,8 +3,10 @@
     cfg = load_config("configs/market/ognet-circle.yaml", ["train.epochs=5", "data.root=/data/market"])
 
 Every key is a field of the dataclasses below; an unknown key, a value of the wrong type or an
-impossible value is a `ConfigError` naming the dotted key. A config file may name a `base:` file
-(relative to itself) whose values it overrides. The resolved config is saved with every run.
+impossible value is a `ConfigError` naming the dotted key. A field typed `Literal[...]` takes one
+of the listed values; the alias comes from the module that owns the option, so the allowed values
+are written once. A config file may name a `base:` file (relative to itself) whose values it
+overrides. The resolved config is saved with every run.
 """
 
 from __future__ import annotations
@@ -15,11 +17,23 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from ognet.data.dataset import BadSamples
+from ognet.data.sampler import SamplerMode, StratifiedSampler
+from ognet.data.transforms import TransformConfig
 from ognet.errors import ConfigError
+from ognet.io import atomic_write
+from ognet.losses import CircleForm
+from ognet.metrics import APMode
+from ognet.model.network import Variant
+
+Backend = Literal["ddp", "deepspeed"]
+Precision = Literal["fp32", "bf16", "fp16"]  # fp16: CUDA only, with a grad scaler
+NonFinite = Literal["stop", "skip"]
+CircleFeature = Literal["dropout", "bn"]
 
 
 @dataclass
@@ -35,20 +49,20 @@ class DataConfig:
     scale: bool = True
     rotate: bool = False
     erase: float = 0.0
-    # error | skip: what an unreadable (corrupt, truncated, missing) sample does. skip: training
-    # replaces it by a readable sample of the same identity, evaluation leaves it out; both count it
-    bad_samples: str = "error"
+    # what an unreadable (corrupt, truncated, missing) sample does. skip: training replaces it by a
+    # readable sample of the same identity, evaluation leaves it out; both count it
+    bad_samples: BadSamples = "error"
 
 
 @dataclass
 class ModelConfig:
-    variant: str = "ognet"  # ognet | ognet-small | ognet-deep
+    variant: Variant = "ognet"
     overrides: dict = field(default_factory=dict)  # constructor options, e.g. {k: 9}
 
 
 @dataclass
 class SamplerConfig:
-    mode: str = "balance"  # balance | class_sampler | shuffle | pk
+    mode: SamplerMode = "balance"
     k: int = 4  # images per class per pass (class_sampler) or instances per identity (pk)
     camera_aware: bool = False  # pk only
 
@@ -58,8 +72,8 @@ class LossConfig:
     circle: bool = False
     gamma: float = 64.0
     m: float = 0.25
-    form: str = "global"  # global (the original's) | per_anchor
-    feature: str = "dropout"  # dropout: the original's post-dropout feature | bn: the clean BN feature
+    form: CircleForm = "global"  # global (the original's) | per_anchor
+    feature: CircleFeature = "dropout"  # dropout: the original's post-dropout feature | bn: the clean BN feature
 
 
 @dataclass
@@ -79,9 +93,9 @@ class TrainConfig:
     epochs: int = 1500
     global_batch_size: int = 36  # the same whatever the world size
     seed: int = 0
-    backend: str = "ddp"  # ddp | deepspeed
+    backend: Backend = "ddp"
     deepspeed_config: str = "configs/deepspeed/zero2.json"
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: CUDA only, with a grad scaler)
+    precision: Precision = "fp32"
     sync_bn: bool = False
     wa: bool = False  # weight averaging from wa_start * epochs, BN re-estimated at the end
     wa_start: float = 0.9
@@ -90,7 +104,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every_steps: int = 10
     eval_every_epochs: int = 0  # 0: evaluate only at the end
-    nonfinite: str = "stop"  # stop | skip: what a non-finite loss does
+    nonfinite: NonFinite = "stop"  # what a non-finite loss or gradient does
     collective_timeout_s: float = 600.0
 
 
@@ -99,7 +113,7 @@ class EvalConfig:
     batch_size: int = 48
     scales: tuple = (1.0, 1.1)  # the original's test-time augmentation: f(xyz) + f(1.1 xyz)
     flip: bool = False  # option: also add the features of the x-flipped cloud
-    ap: str = "trapezoid"  # trapezoid (Market devkit, the original) | noninterp (torchreid, fast-reid)
+    ap: APMode = "trapezoid"  # trapezoid (Market devkit, the original) | noninterp (torchreid, fast-reid)
     save_features: bool = False
     rank_list_queries: int = 4  # rank-list pictures written to TensorBoard (0: none)
 
@@ -119,17 +133,6 @@ class Config:
         return plain(dataclasses.asdict(self))
 
 
-_CHOICES = {
-    "data.bad_samples": ("error", "skip"),
-    "model.variant": ("ognet", "ognet-small", "ognet-deep"),
-    "sampler.mode": ("balance", "class_sampler", "shuffle", "pk"),
-    "loss.form": ("global", "per_anchor"),
-    "loss.feature": ("dropout", "bn"),
-    "train.backend": ("ddp", "deepspeed"),
-    "train.precision": ("fp32", "bf16", "fp16"),
-    "train.nonfinite": ("stop", "skip"),
-    "eval.ap": ("trapezoid", "noninterp"),
-}
 _POSITIVE = (
     "train.epochs",
     "train.global_batch_size",
@@ -137,16 +140,19 @@ _POSITIVE = (
     "eval.batch_size",
     "optim.lr",
     "train.collective_timeout_s",
+    "train.log_every_steps",
 )
 _NON_NEGATIVE = (
     "data.num_workers",
     "train.seed",
     "train.max_steps_per_epoch",
     "train.checkpoint_every_steps",
+    "train.keep_checkpoints",
     "train.eval_every_epochs",
     "optim.weight_decay",
     "optim.loss_warmup_epochs",
     "optim.lr_warmup_epochs",
+    "eval.rank_list_queries",
 )
 
 
@@ -164,36 +170,36 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    from ognet.io import atomic_write
-
     with atomic_write(path, "w") as f:
         yaml.safe_dump(config.to_dict(), f, sort_keys=False)
 
 
 def validate(config: Config) -> None:
+    """Value checks no single module owns; the owners' own checks run on the options they take."""
     flat = flatten(config.to_dict())
-    for key, choices in _CHOICES.items():
-        if flat[key] not in choices:
-            raise ConfigError(f"{key} = {flat[key]!r} is not one of {', '.join(choices)}")
     for key in _POSITIVE:
         if not flat[key] > 0:
             raise ConfigError(f"{key} must be > 0, got {flat[key]}")
     for key in _NON_NEGATIVE:
         if flat[key] < 0:
             raise ConfigError(f"{key} must be >= 0, got {flat[key]}")
-    if not 0 < config.data.slim <= 1:
-        raise ConfigError(f"data.slim must be in (0, 1], got {config.data.slim}")
     if not 0 <= config.train.wa_start < 1:
         raise ConfigError(f"train.wa_start must be in [0, 1), got {config.train.wa_start}")
-    if config.sampler.camera_aware and config.sampler.mode != "pk":
-        raise ConfigError("sampler.camera_aware applies to sampler.mode pk only")
-    if config.sampler.mode == "pk" and config.train.global_batch_size % config.sampler.k:
-        raise ConfigError(
-            f"train.global_batch_size {config.train.global_batch_size} is not a multiple of sampler.k "
-            f"{config.sampler.k} (P identities x K instances)"
-        )
     if not config.eval.scales:
         raise ConfigError("eval.scales must list at least one scale")
+    train_transforms(config.data)
+    s = config.sampler
+    StratifiedSampler.check_options(s.mode, s.k, s.camera_aware, config.train.global_batch_size)
+
+
+def train_transforms(data: DataConfig) -> TransformConfig:
+    """The training augmentation the data options describe (TransformConfig checks the values)."""
+    return TransformConfig(slim=data.slim, flip=data.flip, scale=data.scale, rotate=data.rotate, erase=data.erase)
+
+
+def eval_transforms(data: DataConfig) -> TransformConfig:
+    """The deterministic test-time transform: only the slim ratio applies."""
+    return TransformConfig(slim=data.slim)
 
 
 def _read_yaml(path: Path, seen: tuple = ()) -> dict:
@@ -210,7 +216,7 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     base = data.pop("base", None)
     if base is None:
         return data
-    merged = _read_yaml(path.parent / base, seen + (path.resolve(),))
+    merged = _read_yaml(path.parent / base, (*seen, path.resolve()))
     _merge(merged, data)
     return merged
 
@@ -252,6 +258,11 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{key} = {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if value is None and type(None) in allowed:
         return None

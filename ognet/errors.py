@@ -1,4 +1,5 @@
-"""Errors that users see. Each names the file, sample or key at fault and what is wrong with it."""
+"""Exceptions ognet raises on purpose. Each error names the file, sample or key at fault and what is
+wrong with it."""
 
 
 class OgnetError(Exception):
@@ -15,3 +16,11 @@ class ShardError(OgnetError, ValueError):
 
 class ConfigError(OgnetError, ValueError):
     """A config key is unknown, ill-typed or has an impossible value."""
+
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "run the same command again"
+
+
+class Preempted(Exception):
+    """Not an error: a preemption signal asked for a checkpoint, which is written. Commands exit with
+    PREEMPTED_EXIT_CODE, and running the same command again resumes from it."""

@@ -14,7 +14,9 @@ so the numbers still do not depend on the world size.
 
 from __future__ import annotations
 
+import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +29,17 @@ from tqdm import tqdm
 
 from ognet import dist
 from ognet.checkpoint import load_checkpoint, load_model_state
-from ognet.config import Config
+from ognet.cli import run_command
+from ognet.config import Config, eval_transforms
 from ognet.data.dataset import EvalSet, collate_eval, ignore_preemption_signal
-from ognet.data.shards import ShardReader, join_location
-from ognet.data.transforms import TransformConfig
+from ognet.data.loading import open_split
+from ognet.data.shards import ShardReader
 from ognet.errors import ShardError
 from ognet.io import atomic_write
 from ognet.metrics import PerQueryResult, format_result_line, rank_queries, reduce_results
-from ognet.model import build_model
-from ognet.monitor import Monitor, enable_stack_dumps, render_rank_list
+from ognet.model import OGNet, build_from_spec
+from ognet.monitor import Monitor, render_rank_list
+from ognet.session import session
 
 
 def rank_slice(n: int, info: dist.DistInfo) -> np.ndarray:
@@ -44,48 +48,152 @@ def rank_slice(n: int, info: dist.DistInfo) -> np.ndarray:
 
 
 @torch.no_grad()
-def extract_features(
-    model: nn.Module, reader: ShardReader, config: Config, info: dist.DistInfo, desc: str
-) -> tuple[torch.Tensor, np.ndarray]:
-    """L2-normalised test features of every sample of `reader`, in sample order, on every rank, and
-    which samples were unreadable and left out (data.bad_samples=skip; their feature rows are 0)."""
-    transforms = TransformConfig(slim=config.data.slim)
-    indices = rank_slice(len(reader), info)
-    loader = DataLoader(
-        Subset(EvalSet(reader, transforms, config.data.bad_samples), indices.tolist()),
+def embed(model: nn.Module, xyz: torch.Tensor, rgb: torch.Tensor, config: Config) -> torch.Tensor:
+    """L2-normalised test features of a batch: the sum of the features of the test-time views
+    (`eval.scales`, and their x-mirror with `eval.flip`), as the original.
+
+    A batch shorter than `eval.batch_size` is padded with copies of its last cloud: BLAS picks its
+    kernels by batch size, so a sample's feature would otherwise differ in the last bits between
+    world sizes. Every forward has the same shape on any rank."""
+    n, pad = len(xyz), config.eval.batch_size - len(xyz)
+    if pad > 0:
+        xyz, rgb = (torch.cat([t, t[-1:].expand(pad, *t.shape[1:])]) for t in (xyz, rgb))
+    views = [xyz * s for s in config.eval.scales]
+    if config.eval.flip:
+        views += [v * torch.tensor([-1.0, 1.0, 1.0], device=xyz.device) for v in views]
+    f = sum(model(v, rgb).feature.float() for v in views)[:n]
+    return f / (f.norm(dim=1, keepdim=True) + 1e-6)
+
+
+def _eval_loader(reader: ShardReader, config: Config, info: dist.DistInfo) -> DataLoader:
+    """This rank's contiguous slice of a split, test-transformed, with sample indices."""
+    dataset = EvalSet(reader, eval_transforms(config.data), config.data.bad_samples)
+    return DataLoader(
+        Subset(dataset, rank_slice(len(reader), info).tolist()),
         batch_size=config.eval.batch_size,
         num_workers=config.data.num_workers,
         pin_memory=info.device.type == "cuda",
         worker_init_fn=ignore_preemption_signal,
         collate_fn=collate_eval,
     )
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module, reader: ShardReader, config: Config, info: dist.DistInfo, desc: str
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Test features of every sample of `reader` in sample order, on every rank, and which samples
+    were unreadable and left out (data.bad_samples=skip; their feature rows are 0). Every rank
+    embeds its slice; features travel with their sample indices and are put back in order."""
     model.eval()
+    device = info.device
     features, order, bad = [], [], []
-    for xyz, rgb, index, unreadable in tqdm(loader, desc=desc, disable=not info.is_main, unit="batch", leave=False):
-        bad.append(unreadable.to(info.device))
-        if xyz is None:
-            continue
-        xyz, rgb = xyz.to(info.device), rgb.to(info.device)
-        # A short batch (the end of a slice) is padded to the full size with copies of its last
-        # cloud: BLAS picks its kernels by batch size, so a sample's feature would otherwise differ
-        # in the last bits between world sizes. Every forward has the same shape on any rank.
-        n, pad = len(xyz), config.eval.batch_size - len(xyz)
-        if pad:
-            xyz, rgb = (torch.cat([t, t[-1:].expand(pad, *t.shape[1:])]) for t in (xyz, rgb))
-        views = [xyz * s for s in config.eval.scales]
-        if config.eval.flip:
-            views += [v * torch.tensor([-1.0, 1.0, 1.0], device=info.device) for v in views]
-        f = sum(model(v, rgb).feature.float() for v in views)[:n]
-        features.append(f / (f.norm(dim=1, keepdim=True) + 1e-6))
-        order.append(index.to(info.device))
-    local = torch.cat(features) if features else torch.zeros(0, model.config.embedding_dim, device=info.device)
-    local_order = torch.cat(order) if order else torch.zeros(0, dtype=torch.long, device=info.device)
-    merged = torch.zeros(len(reader), local.shape[1], device=info.device)
+    batches = tqdm(_eval_loader(reader, config, info), desc=desc, disable=not info.is_main, unit="batch", leave=False)
+    for xyz, rgb, index, unreadable in batches:
+        bad.append(unreadable.to(device))
+        if xyz is not None:
+            features.append(embed(model, xyz.to(device), rgb.to(device), config))
+            order.append(index.to(device))
+    local = torch.cat(features) if features else torch.zeros(0, model.config.embedding_dim, device=device)
+    local_order = torch.cat(order) if order else torch.zeros(0, dtype=torch.long, device=device)
+    merged = torch.zeros(len(reader), local.shape[1], device=device)
     merged[dist.all_gather_uneven(local_order)] = dist.all_gather_uneven(local)
     left_out = np.zeros(len(reader), dtype=bool)
-    local_bad = torch.cat(bad) if bad else torch.zeros(0, dtype=torch.long, device=info.device)
+    local_bad = torch.cat(bad) if bad else torch.zeros(0, dtype=torch.long, device=device)
     left_out[dist.all_gather_uneven(local_bad).cpu().numpy()] = True
     return merged, left_out
+
+
+@dataclass
+class Evaluation:
+    """Everything an evaluation computed, the same on every rank."""
+
+    metrics: dict[str, Any]
+    query: ShardReader
+    gallery: ShardReader
+    query_features: torch.Tensor
+    gallery_features: torch.Tensor
+    query_left_out: np.ndarray  # unreadable samples left out (data.bad_samples=skip)
+    gallery_left_out: np.ndarray
+
+
+def _rank_my_queries(e: Evaluation, config: Config, info: dist.DistInfo) -> PerQueryResult:
+    """Rank this rank's slice of the readable queries against the readable gallery, then gather the
+    per-query results of every rank in query order."""
+    qi, gi = e.query.index, e.gallery.index
+    queries, kept = np.flatnonzero(~e.query_left_out), np.flatnonzero(~e.gallery_left_out)
+    gf = e.gallery_features[kept] if e.gallery_left_out.any() else e.gallery_features  # no copy if none left out
+    mine = queries[rank_slice(len(queries), info)]
+    if len(mine):
+        part = rank_queries(
+            e.query_features[mine],
+            qi.pids[mine],
+            qi.camids[mine],
+            gf,
+            gi.pids[kept],
+            gi.camids[kept],
+            ap=config.eval.ap,
+        )
+    else:  # more ranks than queries: nothing to rank here (rank_queries refuses an empty set), still gather
+        empty = torch.zeros(0, dtype=torch.float64)
+        part = PerQueryResult(empty, empty, torch.zeros(0, dtype=torch.long))
+    return PerQueryResult(
+        *(dist.all_gather_uneven(t.to(info.device)).cpu() for t in (part.ap, part.inp, part.first_good))
+    )
+
+
+def compute_metrics(model: nn.Module, config: Config, info: dist.DistInfo) -> Evaluation:
+    """Extract, merge, rank and reduce, on every rank; writes nothing."""
+    was_training = model.training
+    query, gallery = (
+        open_split(config.data, config.data.query_split),
+        open_split(config.data, config.data.gallery_split),
+    )
+    qf, q_out = extract_features(model, query, config, info, "query")
+    gf, g_out = extract_features(model, gallery, config, info, "gallery")
+    model.train(was_training)
+    for reader, out in ((query, q_out), (gallery, g_out)):
+        if out.all():
+            raise ShardError(
+                f"{reader.location}: no sample is readable (data.bad_samples=skip leaves out all {len(out)})"
+            )
+    e = Evaluation({}, query, gallery, qf, gf, q_out, g_out)
+    e.metrics = reduce_results([_rank_my_queries(e, config, info)])
+    if config.data.bad_samples == "skip":
+        e.metrics["num_bad_samples"] = int(q_out.sum() + g_out.sum())
+    return e
+
+
+def write_results(e: Evaluation, config: Config, monitor: Monitor, out: Path, step: int, tag: str) -> None:
+    """The main rank's outputs: log line, metrics JSON, the original's result line, TensorBoard
+    scalars, features (eval.save_features) and rank-list pictures."""
+    m, skip = e.metrics, config.data.bad_samples == "skip"
+    line = format_result_line(m)
+    kept = len(e.gallery_left_out) - int(e.gallery_left_out.sum())
+    note = f"; {e.query_left_out.sum()} query and {e.gallery_left_out.sum()} gallery samples unreadable, left out"
+    monitor.log(f"{tag}: {line} mINP:{m['mINP']:f} ({m['num_queries']} queries, {kept} gallery{note if skip else ''})")
+    with atomic_write(out / f"metrics-{tag}.json", "w") as f:
+        json.dump({"step": step, **m}, f, indent=1)
+    with open(out / "result.txt", "a") as f:
+        f.write(f"{tag} step {step}: {line}\n")
+    names = ("rank1", "rank5", "rank10", "mAP", "mINP") + (("num_bad_samples",) if skip else ())
+    monitor.scalars({f"{tag}/{name.replace('num_', '')}": m[name] for name in names}, step)
+    if config.eval.save_features:
+        qf, gf = e.query_features.cpu().numpy(), e.gallery_features.cpu().numpy()
+        save_features(out, tag, qf, gf, e.query.index, e.gallery.index, monitor)
+    write_rank_lists(e, config.eval.rank_list_queries, monitor, out, step, tag)
+    monitor.flush()
+
+
+def write_rank_lists(e: Evaluation, count: int, monitor: Monitor, out: Path, step: int, tag: str) -> None:
+    """Rank-list pictures of the first `count` readable queries, to TensorBoard and as PNG files."""
+    queries = np.flatnonzero(~e.query_left_out)[:count].tolist()
+    for q in queries:
+        picture = rank_list_picture(q, e.query_features, e.gallery_features, e.query, e.gallery, e.gallery_left_out)
+        monitor.image(f"{tag}/rank_list_{q}", picture, step)
+        Image.fromarray(picture).save(out / f"rank-list-{tag}-{q}.png")
+    if queries:
+        monitor.log(f"rank lists (query, then its top 10; green = same identity): {out}/rank-list-{tag}-*.png")
 
 
 def evaluate_model(
@@ -97,72 +205,11 @@ def evaluate_model(
     tag: str = "eval",
     out_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Extract, merge, rank and reduce; the main rank writes metrics (JSON, result line, TensorBoard)."""
-    was_training = model.training
-    query = ShardReader(join_location(config.data.root, config.data.query_split), config.data.cache_dir)
-    gallery = ShardReader(join_location(config.data.root, config.data.gallery_split), config.data.cache_dir)
-    qf, q_out = extract_features(model, query, config, info, "query")
-    gf, g_out = extract_features(model, gallery, config, info, "gallery")
-    qi, gi = query.index, gallery.index
-    for reader, out in ((query, q_out), (gallery, g_out)):
-        if out.all():
-            raise ShardError(
-                f"{reader.location}: no sample is readable (data.bad_samples=skip leaves out all {len(out)})"
-            )
-
-    queries, kept = np.flatnonzero(~q_out), np.flatnonzero(~g_out)
-    kept_f = gf[kept] if g_out.any() else gf  # no copy of the gallery's features when none is left out
-    mine = queries[rank_slice(len(queries), info)]
-    if len(mine):
-        part = rank_queries(
-            qf[mine], qi.pids[mine], qi.camids[mine], kept_f, gi.pids[kept], gi.camids[kept], ap=config.eval.ap
-        )
-    else:  # more ranks than queries: nothing to rank here (rank_queries refuses an empty set), still gather
-        part = PerQueryResult(
-            torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
-        )
-    merged = PerQueryResult(
-        *(dist.all_gather_uneven(t.to(info.device)).cpu() for t in (part.ap, part.inp, part.first_good))
-    )
-    metrics = reduce_results([merged])
-    skip = config.data.bad_samples == "skip"
-    if skip:
-        metrics["num_bad_samples"] = int(q_out.sum() + g_out.sum())
-    model.train(was_training)
-
+    """Compute the metrics on every rank; the main rank writes them (see write_results)."""
+    e = compute_metrics(model, config, info)
     if info.is_main:
-        out = Path(out_dir or config.run_dir)
-        line = format_result_line(metrics)
-        note = f"; {q_out.sum()} query and {g_out.sum()} gallery samples unreadable, left out" if skip else ""
-        monitor.log(
-            f"{tag}: {line} mINP:{metrics['mINP']:f} ({metrics['num_queries']} queries, {len(kept)} gallery{note})"
-        )
-        with atomic_write(out / f"metrics-{tag}.json", "w") as f:
-            json.dump({"step": step, **metrics}, f, indent=1)
-        with open(out / "result.txt", "a") as f:
-            f.write(f"{tag} step {step}: {line}\n")
-        monitor.scalars(
-            {
-                f"{tag}/rank1": metrics["rank1"],
-                f"{tag}/rank5": metrics["rank5"],
-                f"{tag}/rank10": metrics["rank10"],
-                f"{tag}/mAP": metrics["mAP"],
-                f"{tag}/mINP": metrics["mINP"],
-            },
-            step,
-        )
-        if skip:
-            monitor.scalars({f"{tag}/bad_samples": metrics["num_bad_samples"]}, step)
-        if config.eval.save_features:
-            save_features(out, tag, qf.cpu().numpy(), gf.cpu().numpy(), qi, gi, monitor)
-        for q in queries[: config.eval.rank_list_queries].tolist():
-            picture = rank_list_picture(q, qf, gf, query, gallery, g_out)
-            monitor.image(f"{tag}/rank_list_{q}", picture, step)
-            Image.fromarray(picture).save(out / f"rank-list-{tag}-{q}.png")
-        if config.eval.rank_list_queries:
-            monitor.log(f"rank lists (query, then its top 10; green = same identity): {out}/rank-list-{tag}-*.png")
-        monitor.flush()
-    return metrics
+        write_results(e, config, monitor, Path(out_dir or config.run_dir), step, tag)
+    return e.metrics
 
 
 def save_features(out: Path, tag: str, qf: np.ndarray, gf: np.ndarray, qi, gi, monitor: Monitor) -> None:
@@ -171,7 +218,7 @@ def save_features(out: Path, tag: str, qf: np.ndarray, gf: np.ndarray, qi, gi, m
     np.save(out / f"features-{tag}-query.npy", qf)
     np.save(out / f"features-{tag}-gallery.npy", gf)
     try:
-        import scipy.io
+        import scipy.io  # optional: only for the .mat file
     except ImportError:
         monitor.log("scipy is not installed: pytorch_result.mat not written (pip install scipy)")
         return
@@ -210,42 +257,40 @@ def rank_list_picture(
     return render_rank_list([(c.xyz, c.rgb) for c in clouds], matches)
 
 
+def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> OGNet:
+    """The model a checkpoint holds (ours, or an imported original), its weights loaded strictly."""
+    payload = load_checkpoint(checkpoint, map_location=device)
+    model = build_from_spec(payload["model_config"])
+    load_model_state(model, payload["model"], str(checkpoint))
+    return model.to(device)
+
+
 def evaluate_checkpoint(config: Config, checkpoint: str | Path) -> dict[str, Any]:
     """The `ognet-eval` command: one checkpoint (ours, or an imported original) on query/gallery."""
-    info = dist.init_distributed(timeout_s=config.train.collective_timeout_s)
     out_dir = Path(config.run_dir)
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    monitor = Monitor(out_dir / "tb", info.is_main)
-    try:
-        payload = load_checkpoint(checkpoint, map_location=info.device)
-        mc = payload["model_config"]
-        model = build_model(mc["variant"], mc["num_classes"], **mc.get("overrides", {}))
-        load_model_state(model, payload["model"], str(checkpoint))
-        model.to(info.device)
+    with session(config.train.collective_timeout_s, out_dir / "tb") as (info, monitor):
+        if info.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        model = load_model(checkpoint, info.device)
         return evaluate_model(model, config, info, monitor, tag="eval", out_dir=out_dir)
-    finally:
-        monitor.close()
-        dist.cleanup()
 
 
 def main(argv: list[str] | None = None) -> None:
     """`ognet-eval --config FILE --checkpoint FILE [key=value ...]`."""
-    import argparse
-    import sys
 
-    from ognet.config import load_config
-    from ognet.errors import OgnetError
+    def arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--checkpoint", required=True, help="ognet checkpoint (model_last.pt, step-*.pt, or imported)"
+        )
 
-    parser = argparse.ArgumentParser(
-        prog="ognet-eval", description="Evaluate an OG-Net checkpoint (sharded over ranks)."
+    run_command(
+        "ognet-eval",
+        "Evaluate an OG-Net checkpoint (sharded over ranks).",
+        lambda config, args: evaluate_checkpoint(config, args.checkpoint),
+        argv,
+        arguments,
     )
-    parser.add_argument("--config", help="YAML config naming the data (data.root, data.query_split, ...)")
-    parser.add_argument("--checkpoint", required=True, help="ognet checkpoint (model_last.pt, step-*.pt, or imported)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. run_dir=runs/eval data.root=/data/duke")
-    args = parser.parse_args(argv)
-    enable_stack_dumps()
-    try:
-        evaluate_checkpoint(load_config(args.config, args.overrides), args.checkpoint)
-    except OgnetError as e:
-        sys.exit(f"ognet-eval: error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -8,6 +8,7 @@ gives each parameter exactly the single-process gradient.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,8 @@ from torch import nn
 from ognet.dist import all_gather, all_gather_with_grad, all_reduce_mean
 from ognet.errors import ConfigError
 
-CIRCLE_FORMS = ("global", "per_anchor")
+CircleForm = Literal["global", "per_anchor"]
+CIRCLE_FORMS: tuple[str, ...] = get_args(CircleForm)
 
 
 def _cosine_similarity(features: torch.Tensor) -> torch.Tensor:
@@ -93,7 +95,7 @@ class ReidLoss(nn.Module):
     term sees is the caller's choice (the original uses the post-dropout one).
     """
 
-    def __init__(self, circle: bool = False, m: float = 0.25, gamma: float = 64.0, circle_form: str = "global"):
+    def __init__(self, circle: bool = False, m: float = 0.25, gamma: float = 64.0, circle_form: CircleForm = "global"):
         super().__init__()
         if circle_form not in CIRCLE_FORMS:
             raise ConfigError(f"circle_form {circle_form!r} is not one of {', '.join(CIRCLE_FORMS)}")

@@ -34,14 +34,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 
 from ognet.errors import ConfigError, DataError
 
-AP_MODES = ("trapezoid", "noninterp")
+APMode = Literal["trapezoid", "noninterp"]
+AP_MODES: tuple[str, ...] = get_args(APMode)
 DEFAULT_MAX_BYTES = 1 << 30
 # Working set per (query, gallery item) of a chunk: the score and its scaled copy (2 x itemsize),
 # the int64 bin (8), the bool candidate mask (1), the per-row int32 histogram (4 bytes per bin,

@@ -1,21 +1,27 @@
 """What a person watching a run sees: log lines on the main rank and TensorBoard event files.
 
 Only the main rank writes; every other rank gets a monitor that does nothing, so callers never
-test the rank themselves.
+test the rank themselves. Log lines go to the `ognet` log channel (see ognet.session), which adds
+the time and the rank.
 """
 
 from __future__ import annotations
 
 import faulthandler
+import logging
 import signal
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+import torch
+import yaml
+from torch.utils.tensorboard.summary import hparams
+
+from ognet.config import flatten
 
 STACK_DUMP_SIGNAL = signal.SIGUSR2
+log = logging.getLogger("ognet")
 
 
 def enable_stack_dumps() -> None:
@@ -32,14 +38,13 @@ class Monitor:
         self.enabled = enabled
         self.writer = None
         if enabled and log_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # the writer's start-up: the main rank only
 
             self.writer = SummaryWriter(str(log_dir))
-        self.start = time.time()
 
     def log(self, message: str) -> None:
         if self.enabled:
-            tqdm.write(f"[{time.time() - self.start:8.1f}s] {message}")
+            log.info(message)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer is not None:
@@ -54,8 +59,6 @@ class Monitor:
     def point_cloud(self, tag: str, xyz: np.ndarray, rgb: np.ndarray, step: int) -> None:
         """One coloured cloud for TensorBoard's mesh plugin (rgb in [0, 1])."""
         if self.writer is not None:
-            import torch
-
             colors = torch.from_numpy(np.clip(rgb * 255, 0, 255).astype(np.uint8))[None]
             self.writer.add_mesh(tag, vertices=torch.from_numpy(xyz)[None], colors=colors, global_step=step)
 
@@ -64,11 +67,6 @@ class Monitor:
         event file (SummaryWriter.add_hparams would start a separate run) and as text."""
         if self.writer is None:
             return
-        import yaml
-        from torch.utils.tensorboard.summary import hparams
-
-        from ognet.config import flatten
-
         flat = flatten(config)
         values = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
         for summary in hparams(values, dict.fromkeys(metric_tags, 0.0)):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Iterator
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -27,7 +28,8 @@ from ognet.data.shards import ShardReader
 from ognet.data.transforms import TransformConfig, transform
 from ognet.errors import DataError, ShardError
 
-BAD_SAMPLES = ("error", "skip")  # data.bad_samples
+BadSamples = Literal["error", "skip"]  # data.bad_samples
+BAD_SAMPLES: tuple[str, ...] = get_args(BadSamples)
 log = logging.getLogger(__name__)
 
 
@@ -126,18 +128,19 @@ def collate_eval(items: list[tuple]) -> tuple[torch.Tensor | None, torch.Tensor 
 
 
 class SamplerBatches(Sampler[list[tuple[int, int, int]]]):
-    """This rank's batches of one epoch from `start_step` on, as (epoch, position, index) items."""
+    """This rank's batches of one epoch, steps [start_step, end_step), as (epoch, position, index) items."""
 
-    def __init__(self, sampler: StratifiedSampler, epoch: int, start_step: int = 0):
+    def __init__(self, sampler: StratifiedSampler, epoch: int, start_step: int = 0, end_step: int | None = None):
         self.sampler, self.epoch, self.start_step = sampler, epoch, start_step
+        self.end_step = sampler.steps_per_epoch if end_step is None else min(end_step, sampler.steps_per_epoch)
 
     def __len__(self) -> int:
-        return self.sampler.steps_per_epoch - self.start_step
+        return max(self.end_step - self.start_step, 0)
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         s = self.sampler
         first = s.rank * s.local_batch_size
-        for step in range(self.start_step, s.steps_per_epoch):
+        for step in range(self.start_step, self.end_step):
             base = step * s.global_batch_size + first
             yield [(self.epoch, base + j, int(i)) for j, i in enumerate(s.local_batch(self.epoch, step))]
 
@@ -156,10 +159,11 @@ def train_loader(
     start_step: int = 0,
     num_workers: int = 2,
     pin_memory: bool = False,
+    end_step: int | None = None,
 ) -> DataLoader:
     return DataLoader(
         dataset,
-        batch_sampler=SamplerBatches(sampler, epoch, start_step),
+        batch_sampler=SamplerBatches(sampler, epoch, start_step, end_step),
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=False,

@@ -17,12 +17,14 @@ All modes drop the last incomplete batch.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Literal, get_args
 
 import numpy as np
 
 from ognet.errors import ConfigError
 
-MODES = ("balance", "class_sampler", "shuffle", "pk")
+SamplerMode = Literal["balance", "class_sampler", "shuffle", "pk"]
+MODES: tuple[str, ...] = get_args(SamplerMode)
 
 
 class StratifiedSampler:
@@ -39,7 +41,7 @@ class StratifiedSampler:
         camids: Sequence[int] | None = None,
         *,
         global_batch_size: int,
-        mode: str = "balance",
+        mode: SamplerMode = "balance",
         seed: int = 0,
         world_size: int = 1,
         rank: int = 0,
@@ -47,21 +49,18 @@ class StratifiedSampler:
         camera_aware: bool = False,
     ) -> None:
         labels = np.asarray(labels)
-        if mode not in MODES:
-            raise ConfigError(f"sampler mode {mode!r} is not one of {', '.join(MODES)}")
+        self.check_options(mode, k, camera_aware, global_batch_size)
         if labels.ndim != 1 or len(labels) == 0:
             raise ConfigError(f"the sampler needs a non-empty 1-D list of labels, got shape {labels.shape}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is outside world size {world_size}")
-        if global_batch_size < 1 or global_batch_size % world_size:
+        if global_batch_size % world_size:
             raise ConfigError(
                 f"global_batch_size {global_batch_size} is not a positive multiple of the world size "
                 f"{world_size}: every rank must get the same number of samples"
             )
-        if seed < 0 or k < 1:
-            raise ConfigError(f"seed must be >= 0 and k >= 1, got seed {seed}, k {k}")
-        if camera_aware and mode != "pk":
-            raise ConfigError(f"camera_aware applies to sampler mode 'pk' only, not {mode!r}")
+        if seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {seed}")
         if camera_aware and (camids is None or len(camids) != len(labels)):
             raise ConfigError("camera_aware needs one camera id per sample")
 
@@ -83,6 +82,21 @@ class StratifiedSampler:
 
         self.steps_per_epoch = self._count_steps()
         self._cache: tuple[int, np.ndarray] | None = None
+
+    @staticmethod
+    def check_options(mode: str, k: int, camera_aware: bool, global_batch_size: int) -> None:
+        """What the options alone decide, before any label is read (the config calls it too)."""
+        if mode not in MODES:
+            raise ConfigError(f"sampler.mode {mode!r} is not one of {', '.join(MODES)}")
+        if k < 1 or global_batch_size < 1:
+            raise ConfigError(f"sampler.k and global_batch_size must be >= 1, got {k} and {global_batch_size}")
+        if camera_aware and mode != "pk":
+            raise ConfigError(f"sampler.camera_aware applies to sampler.mode pk only, not {mode!r}")
+        if mode == "pk" and global_batch_size % k:
+            raise ConfigError(
+                f"train.global_batch_size {global_batch_size} is not a multiple of sampler.k {k} "
+                "(P identities x K instances)"
+            )
 
     def _count_steps(self) -> int:
         n, c, b, k = self.num_samples, self.num_classes, self.global_batch_size, self.k

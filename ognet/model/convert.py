@@ -18,9 +18,8 @@ import torch
 from torch import Tensor
 
 from ognet.checkpoint import save_checkpoint
-from ognet.config import plain
 from ognet.errors import OgnetError
-from ognet.model.network import VARIANTS, OGNet, build_model
+from ognet.model.network import VARIANTS, OGNet, build_model, model_spec
 
 PREFIX = "module."
 UNUSED_KEYS = ("logit_scale",)
@@ -123,7 +122,7 @@ def import_original(
     variant, num_classes, options = infer_model_config(state_dict, variant, overrides)
     model = build_model(variant, num_classes, **options)
     load_original(model, state_dict)
-    config = {"variant": variant, "num_classes": num_classes, "overrides": plain(options)}
+    config = model_spec(variant, num_classes, options)
     save_checkpoint(destination, {"model": model.state_dict(), "model_config": config})
     return config
 

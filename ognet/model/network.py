@@ -21,8 +21,9 @@ original code (wrapped in DataParallel) differ only by the `module.` prefix and 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
@@ -109,11 +110,13 @@ class OGNetConfig:
         return points
 
 
+Variant = Literal["ognet", "ognet-small", "ognet-deep"]
 VARIANTS: dict[str, dict[str, Any]] = {
     "ognet": {},
     "ognet-small": {"feature_dims": (48, 96, 192, 384)},
     "ognet-deep": {"feature_dims": (48, 96, 96, 192, 192, 384, 384), "k": 9, "num_conv": 2, "id_skip": 2},
 }
+assert tuple(VARIANTS) == get_args(Variant)
 
 
 class ModelOutput(NamedTuple):
@@ -235,3 +238,14 @@ def model_config(variant: str, num_classes: int, **overrides: Any) -> OGNetConfi
 def build_model(variant: str, num_classes: int, **overrides: Any) -> OGNet:
     """OG-Net variant `ognet`, `ognet-small` or `ognet-deep`, any option overridden by keyword."""
     return OGNet(model_config(variant, num_classes, **overrides))
+
+
+def model_spec(variant: str, num_classes: int, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The plain-data description of a model that checkpoints carry (their "model_config"): enough
+    to build it again (`build_from_spec`); tuples become lists so it reads back from any format."""
+    plain = {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
+    return {"variant": variant, "num_classes": num_classes, "overrides": plain}
+
+
+def build_from_spec(spec: Mapping[str, Any]) -> OGNet:
+    return build_model(spec["variant"], spec["num_classes"], **spec.get("overrides", {}))
