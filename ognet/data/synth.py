@@ -359,164 +359,250 @@ class Identity:
 
 
 def make_identity(rng: np.random.Generator) -> Identity:
-    """Draw body proportions and clothing; every choice is one a camera can see."""
-    unit, parts = _template()
-    n = len(unit)
-    xyz, normal = np.zeros((n, 3)), np.zeros((n, 3))
-    role = np.full(n, SKIN)
+    """Draw body proportions and clothing; every choice is one a camera can see.
 
-    # Body: proportions of a ~1.75 unit tall adult, each scaled per person.
+    The helpers draw from `rng` in this order; the order defines the data (bump FORMAT_VERSION
+    on any change).
+    """
+    body = _measure_body(rng)
+    xyz, normal = _rest_pose(body)
+    clothing = _draw_clothing(rng)
+    role = _roles(clothing)
+    colours = _role_colours(rng)
+    present = _present_parts(rng, clothing.hair_style)
+    return Identity(
+        height=body.height,
+        xyz=xyz,
+        normal=normal,
+        albedo=colours[role],
+        present=present,
+        joints=body.joints,
+        swing=(rng.uniform(0.15, 0.45), rng.uniform(0.2, 0.45)),
+        shine=float(rng.choice([0.0, 0.25, 0.6], p=[0.6, 0.3, 0.1])),
+    )
+
+
+@dataclass(frozen=True)
+class _Body:
+    """One person's measurements in rest pose (feet at y = 0), shared by the placing of every part."""
+
+    height: float
+    head_r: float
+    neck: float
+    foot_h: float
+    torso_len: float
+    leg_len: float
+    shoulder_y: float
+    hip_y: float
+    shoulder_w: float
+    hip_w: float
+    depth: float  # half the torso's front-to-back thickness
+    arm_r: float
+    leg_r: float
+    arm_len: float
+    arm_x: float  # shoulder joints at +-arm_x
+    leg_x: float  # hip joints at +-leg_x
+
+    @property
+    def head_centre(self) -> np.ndarray:
+        return np.array([0, self.shoulder_y + self.neck + self.head_r, 0])
+
+    @property
+    def joints(self) -> np.ndarray:
+        """Pivots of _LIMBS: shoulders, then hips."""
+        arm_x, leg_x, shoulder_y, hip_y = self.arm_x, self.leg_x, self.shoulder_y, self.hip_y
+        return np.array([[arm_x, shoulder_y, 0], [-arm_x, shoulder_y, 0], [leg_x, hip_y, 0], [-leg_x, hip_y, 0]])
+
+
+def _measure_body(rng: np.random.Generator) -> _Body:
+    """Proportions of a ~1.75 unit tall adult, each scaled per person, so that silhouettes differ."""
     height = float(np.clip(rng.normal(1.74, 0.075), 1.55, 1.98))
     build, hips, limbs = rng.uniform(0.88, 1.15), rng.uniform(0.92, 1.1), rng.uniform(0.85, 1.15)
     head_r = 0.065 * height * rng.uniform(0.93, 1.07)
     neck, foot_h = 0.03 * height, 0.04 * height
     torso_len = 0.30 * height * rng.uniform(0.94, 1.06)
     leg_len = height - 2 * head_r - neck - torso_len - foot_h
-    shoulder_y, hip_y = foot_h + leg_len + torso_len, foot_h + leg_len
     shoulder_w, hip_w, depth = 0.115 * height * build, 0.095 * height * build * hips, 0.06 * height * build
     arm_r, leg_r = 0.026 * height * limbs, 0.045 * height * limbs
     arm_len = 0.33 * height * rng.uniform(0.95, 1.05)
-    head_c = np.array([0, shoulder_y + neck + head_r, 0])
-    arm_x, leg_x = shoulder_w + arm_r, 0.5 * hip_w
-    joints = np.array([[arm_x, shoulder_y, 0], [-arm_x, shoulder_y, 0], [leg_x, hip_y, 0], [-leg_x, hip_y, 0]])
-
-    def put(name: str, points: tuple[np.ndarray, np.ndarray]) -> None:
-        xyz[parts[name]], normal[parts[name]] = points
-
-    put("head", _ellipsoid(unit[parts["head"]], head_c, (0.78 * head_r, head_r, 0.88 * head_r)))
-    put(
-        "hair",
-        _ellipsoid(
-            unit[parts["hair"]],
-            head_c + [0, -0.5 * head_r, -0.45 * head_r],
-            (0.85 * head_r, 1.35 * head_r, 0.6 * head_r),
-        ),
+    return _Body(
+        height=height,
+        head_r=head_r,
+        neck=neck,
+        foot_h=foot_h,
+        torso_len=torso_len,
+        leg_len=leg_len,
+        shoulder_y=foot_h + leg_len + torso_len,
+        hip_y=foot_h + leg_len,
+        shoulder_w=shoulder_w,
+        hip_w=hip_w,
+        depth=depth,
+        arm_r=arm_r,
+        leg_r=leg_r,
+        arm_len=arm_len,
+        arm_x=shoulder_w + arm_r,
+        leg_x=0.5 * hip_w,
     )
-    put(
-        "neck",
-        _tapered_tube(
-            unit[parts["neck"]],
-            [0, shoulder_y + neck + 0.3 * head_r, 0],
-            neck + 0.3 * head_r,
+
+
+_Surface = tuple[np.ndarray, np.ndarray]  # (xyz, normal) of one part's template points
+
+
+def _unit(name: str) -> np.ndarray:
+    """The unit surface samples of one template part (a view: no copy)."""
+    unit, parts = _template()
+    return unit[parts[name]]
+
+
+def _rest_pose(body: _Body) -> _Surface:
+    """Every template point placed on the body: (N, 3) positions and outward normals."""
+    unit, parts = _template()
+    xyz, normal = np.zeros((len(unit), 3)), np.zeros((len(unit), 3))
+    for name, (part_xyz, part_normal) in {**_head_parts(body), **_trunk_parts(body), **_limb_parts(body)}.items():
+        xyz[parts[name]], normal[parts[name]] = part_xyz, part_normal
+    return xyz, normal
+
+
+def _head_parts(body: _Body) -> dict[str, _Surface]:
+    """Head, long hair hanging behind it, and the neck down into the torso."""
+    head_r, head_c = body.head_r, body.head_centre
+    return {
+        "head": _ellipsoid(_unit("head"), head_c, (0.78 * head_r, head_r, 0.88 * head_r)),
+        "hair": _ellipsoid(
+            _unit("hair"), head_c + [0, -0.5 * head_r, -0.45 * head_r], (0.85 * head_r, 1.35 * head_r, 0.6 * head_r)
+        ),
+        "neck": _tapered_tube(
+            _unit("neck"),
+            [0, body.shoulder_y + body.neck + 0.3 * head_r, 0],
+            body.neck + 0.3 * head_r,
             (0.35 * head_r,) * 2,
             (0.4 * head_r,) * 2,
         ),
-    )
-    put(
-        "torso",
-        _tapered_tube(unit[parts["torso"]], [0, shoulder_y, 0], torso_len, (shoulder_w, depth), (hip_w, 0.95 * depth)),
-    )
-    put("shoulders", _ellipsoid(unit[parts["shoulders"]], [0, shoulder_y, 0], (shoulder_w, 0.05 * height, depth)))
-    for side, sign in (("l", 1), ("r", -1)):
-        put(
-            f"arm_{side}",
-            _tapered_tube(
-                unit[parts[f"arm_{side}"]],
-                [sign * arm_x, shoulder_y, 0],
-                arm_len,
-                (arm_r, arm_r),
-                (0.75 * arm_r, 0.75 * arm_r),
-            ),
-        )
-        hand_y = shoulder_y - arm_len - 0.03 * height
-        put(
-            f"hand_{side}",
-            _ellipsoid(
-                unit[parts[f"hand_{side}"]], [sign * arm_x, hand_y, 0], (0.7 * arm_r, 0.045 * height, 0.9 * arm_r)
-            ),
-        )
-        put(
-            f"leg_{side}",
-            _tapered_tube(
-                unit[parts[f"leg_{side}"]],
-                [sign * leg_x, hip_y, 0],
-                leg_len,
-                (leg_r, leg_r),
-                (0.62 * leg_r, 0.62 * leg_r),
-            ),
-        )
-        put(
-            f"foot_{side}",
-            _ellipsoid(
-                unit[parts[f"foot_{side}"]],
-                [sign * leg_x, 0.55 * foot_h, 0.03 * height],
-                (0.028 * height, 0.55 * foot_h + 0.01, 0.07 * height),
-            ),
-        )
-    put(
-        "backpack",
-        _ellipsoid(
-            unit[parts["backpack"]],
-            [0, hip_y + 0.6 * torso_len, -depth - 0.045 * height],
+    }
+
+
+def _trunk_parts(body: _Body) -> dict[str, _Surface]:
+    """Torso, shoulders, and what is carried on them: a backpack behind, a bag at the right hip."""
+    height, shoulder_y, shoulder_w, depth = body.height, body.shoulder_y, body.shoulder_w, body.depth
+    return {
+        "torso": _tapered_tube(
+            _unit("torso"), [0, shoulder_y, 0], body.torso_len, (shoulder_w, depth), (body.hip_w, 0.95 * depth)
+        ),
+        "shoulders": _ellipsoid(_unit("shoulders"), [0, shoulder_y, 0], (shoulder_w, 0.05 * height, depth)),
+        "backpack": _ellipsoid(
+            _unit("backpack"),
+            [0, body.hip_y + 0.6 * body.torso_len, -depth - 0.045 * height],
             (0.8 * shoulder_w, 0.13 * height, 0.05 * height),
         ),
-    )
-    put(
-        "bag",
-        _ellipsoid(
-            unit[parts["bag"]],
-            [-(hip_w + 0.035 * height), hip_y + 0.02 * height, 0],
+        "bag": _ellipsoid(
+            _unit("bag"),
+            [-(body.hip_w + 0.035 * height), body.hip_y + 0.02 * height, 0],
             (0.02 * height, 0.055 * height, 0.07 * height),
         ),
-    )
+    }
 
-    # Clothing: which parts get which colour.
+
+def _limb_parts(body: _Body) -> dict[str, _Surface]:
+    """Arms with hands and legs with feet, hanging straight down from their joints (left at +x)."""
+    height, arm_r, leg_r = body.height, body.arm_r, body.leg_r
+    hand_y = body.shoulder_y - body.arm_len - 0.03 * height
+    limbs = {}
+    for side, sign in (("l", 1), ("r", -1)):
+        arm_x, leg_x = sign * body.arm_x, sign * body.leg_x
+        limbs[f"arm_{side}"] = _tapered_tube(
+            _unit(f"arm_{side}"), [arm_x, body.shoulder_y, 0], body.arm_len, (arm_r, arm_r), (0.75 * arm_r,) * 2
+        )
+        limbs[f"hand_{side}"] = _ellipsoid(
+            _unit(f"hand_{side}"), [arm_x, hand_y, 0], (0.7 * arm_r, 0.045 * height, 0.9 * arm_r)
+        )
+        limbs[f"leg_{side}"] = _tapered_tube(
+            _unit(f"leg_{side}"), [leg_x, body.hip_y, 0], body.leg_len, (leg_r, leg_r), (0.62 * leg_r,) * 2
+        )
+        limbs[f"foot_{side}"] = _ellipsoid(
+            _unit(f"foot_{side}"),
+            [leg_x, 0.55 * body.foot_h, 0.03 * height],
+            (0.028 * height, 0.55 * body.foot_h + 0.01, 0.07 * height),
+        )
+    return limbs
+
+
+@dataclass(frozen=True)
+class _Clothing:
+    """What a person wears; lengths are fractions of the part, from its joint (0) to its end (1)."""
+
+    hair_style: str  # short, long, hat or bald
+    coat: bool  # long sleeves, no waist, and the top reaching over the thighs
+    sleeve: float
+    trousers: float
+    waist: float  # where the top ends on the torso
+    pattern: str  # of the top: plain, stripes, logo or open (a jacket)
+
+
+def _draw_clothing(rng: np.random.Generator) -> _Clothing:
+    """Draw the clothing. A coat fixes sleeve and waist, so those draws happen only without one."""
     hair_style = rng.choice(["short", "long", "hat", "bald"], p=[0.5, 0.3, 0.15, 0.05])
     coat = rng.random() < 0.15
     sleeve = 1.0 if coat or rng.random() < 0.6 else 0.3
     trousers = rng.choice([1.0, 0.7, 0.4], p=[0.7, 0.1, 0.2])
     waist = 1.0 if coat else rng.uniform(0.78, 0.9)
     pattern = rng.choice(["plain", "stripes", "logo", "open"], p=[0.55, 0.15, 0.15, 0.15])
+    return _Clothing(hair_style, coat, sleeve, trousers, waist, pattern)
 
+
+# Where hair (or a hat) starts on the head: unit-sphere height in front (z > 0) and behind.
+_HAIRLINES = {"short": (0.45, -0.1), "long": (0.45, -0.6), "hat": (0.35, 0.35), "bald": (0.8, 0.8)}
+
+
+def _roles(clothing: _Clothing) -> np.ndarray:
+    """The colour role of every template point (SKIN, HAIR, TOP, ...), from the clothing."""
+    unit, parts = _template()
+    role = np.full(len(unit), SKIN)
     u = unit[parts["head"]]
     front = u[:, 2] > 0
-    hairline = {"short": (0.45, -0.1), "long": (0.45, -0.6), "hat": (0.35, 0.35), "bald": (0.8, 0.8)}[hair_style]
+    hairline = _HAIRLINES[clothing.hair_style]
     covered = u[:, 1] > np.where(front, hairline[0], hairline[1])
-    role[parts["head"]] = np.where(covered, HAT if hair_style == "hat" else HAIR, SKIN)
+    role[parts["head"]] = np.where(covered, HAT if clothing.hair_style == "hat" else HAIR, SKIN)
     role[parts["hair"]] = HAIR
-    c, t, s = unit[parts["torso"]].T
-    accent = {
+    t = unit[parts["torso"]][:, 1]
+    role[parts["torso"]] = np.where(t > clothing.waist, BOTTOM, np.where(_accent(clothing.pattern), ACCENT, TOP))
+    role[parts["shoulders"]] = TOP
+    for side in "lr":
+        t = unit[parts[f"arm_{side}"]][:, 1]
+        role[parts[f"arm_{side}"]] = np.where(t < clothing.sleeve, TOP, SKIN)
+        t = unit[parts[f"leg_{side}"]][:, 1]
+        role[parts[f"leg_{side}"]] = np.where(
+            (t < 0.35) & clothing.coat, TOP, np.where(t < clothing.trousers, BOTTOM, SKIN)
+        )
+        role[parts[f"foot_{side}"]] = SHOES
+    role[parts["backpack"]] = role[parts["bag"]] = BAG
+    return role
+
+
+def _accent(pattern: str) -> np.ndarray:
+    """Which torso points take the accent colour: the pattern that sets similar tops apart."""
+    c, t, s = _unit("torso").T
+    return {
         "plain": np.zeros_like(t, dtype=bool),
         "stripes": np.sin(2 * np.pi * 5 * t) > 0.4,
         "logo": (s > 0.6) & (t > 0.2) & (t < 0.5),
         "open": (s > 0) & (np.abs(c) < 0.25),
     }[pattern]
-    role[parts["torso"]] = np.where(t > waist, BOTTOM, np.where(accent, ACCENT, TOP))
-    role[parts["shoulders"]] = TOP
-    for side in "lr":
-        t = unit[parts[f"arm_{side}"]][:, 1]
-        role[parts[f"arm_{side}"]] = np.where(t < sleeve, TOP, SKIN)
-        t = unit[parts[f"leg_{side}"]][:, 1]
-        role[parts[f"leg_{side}"]] = np.where((t < 0.35) & coat, TOP, np.where(t < trousers, BOTTOM, SKIN))
-        role[parts[f"foot_{side}"]] = SHOES
-    role[parts["backpack"]] = role[parts["bag"]] = BAG
 
-    colours = np.stack(
-        [
-            _pick(rng, _SKIN),
-            _pick(rng, _HAIR),
-            _pick(rng, _CLOTHES),
-            _pick(rng, _CLOTHES),
-            _pick(rng, _BOTTOMS),
-            _pick(rng, _SHOES),
-            _pick(rng, _CLOTHES),
-            _pick(rng, _CLOTHES),
-        ]
-    )
-    present = np.ones(n, dtype=bool)
+
+def _role_colours(rng: np.random.Generator) -> np.ndarray:
+    """One colour per role, in role order (SKIN ... HAT), from the weighted palettes."""
+    palettes = (_SKIN, _HAIR, _CLOTHES, _CLOTHES, _BOTTOMS, _SHOES, _CLOTHES, _CLOTHES)
+    return np.stack([_pick(rng, palette) for palette in palettes])
+
+
+def _present_parts(rng: np.random.Generator, hair_style: str) -> np.ndarray:
+    """Which template points this person has: long hair and bags are optional parts."""
+    unit, parts = _template()
+    present = np.ones(len(unit), dtype=bool)
     present[parts["hair"]] = hair_style == "long"
     present[parts["backpack"]] = rng.random() < 0.25
     present[parts["bag"]] = rng.random() < 0.2
-    return Identity(
-        height=height,
-        xyz=xyz,
-        normal=normal,
-        albedo=colours[role],
-        present=present,
-        joints=joints,
-        swing=(rng.uniform(0.15, 0.45), rng.uniform(0.2, 0.45)),
-        shine=float(rng.choice([0.0, 0.25, 0.6], p=[0.6, 0.3, 0.1])),
-    )
+    return present
 
 
 @functools.lru_cache(maxsize=8)  # images come in pid order; an identity is ~2 MB
@@ -580,12 +666,27 @@ def render_person(
     The camera is orthographic along -z (the original's weak perspective); x is right, y up. A
     body point is kept if it faces the camera, falls inside the image, is not behind an occluder,
     and is the front-most point of its pixel. `junk` frames the person badly (Market's -1 boxes).
+    As in make_identity, the order of the helpers' draws from `rng` defines the data.
     """
     rows, cols = 2 * math.isqrt(points // 2), math.isqrt(points // 2)
+    xyz, normal = _walking_pose(identity, rng)
+    xyz, normal, facing = _view(identity, camera, xyz, normal, rng)
+    frame = _frame(identity.height, rows, cols, junk, rng)
+    background, occluded = _background(camera, rng, rows, cols)
+    light = _light(camera, rng)
+    body, body_pixels = _visible(xyz, frame, occluded)
+    body_xyz = xyz[body] + rng.normal(0, 0.004, (len(body), 3))
+    body_rgb = _body_colours(identity.albedo[facing[body]], normal[body], identity.shine, light, rng)
+    bg_xyz, bg_rgb = _background_points(background, body_pixels, body_xyz, frame, light, rng)
+    xyz_out = np.concatenate([body_xyz, bg_xyz])
+    rgb_out = np.clip(np.concatenate([body_rgb, bg_rgb]), 0, 1)
+    return xyz_out, rgb_out
+
+
+def _walking_pose(identity: Identity, rng: np.random.Generator) -> _Surface:
+    """A copy of the identity's points with the limbs swung about shoulders and hips in counter-phase."""
     _, parts = _template()
     xyz, normal = identity.xyz.copy(), identity.normal.copy()
-
-    # Walking pose: limbs swing about shoulders and hips in counter-phase.
     phase = rng.uniform(0, 2 * np.pi)
     arm, leg = identity.swing
     for (limb, end), joint, amplitude in zip(_LIMBS, identity.joints, (arm, -arm, -leg, leg)):
@@ -594,28 +695,67 @@ def render_person(
         swing = np.array([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
         xyz[sl] = (xyz[sl] - joint) @ swing.T + joint
         normal[sl] = normal[sl] @ swing.T
+    return xyz, normal
 
-    # Viewpoint; only points that face the camera can be seen, so only those are turned.
+
+def _view(
+    identity: Identity, camera: Camera, xyz: np.ndarray, normal: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Turn the posed person to a random yaw in camera coordinates, centred at half height.
+
+    Only points of present parts that face the camera can be seen, so only those are turned (and
+    returned, with their template indices `facing`); `xyz` is modified in place.
+    """
     rotation = _rotation(rng.uniform(0, 2 * np.pi), camera.pitch + rng.normal(0, 0.03))
     facing = np.flatnonzero(identity.present & (normal @ rotation[2] > 0))
     xyz[:, 1] -= identity.height / 2
     shape_error = rng.uniform([0.95, 0.97, 0.95], [1.05, 1.03, 1.05])  # of a monocular 3D estimate
-    xyz = (xyz[facing] * shape_error) @ rotation.T
-    normal = normal[facing] @ rotation.T
+    return (xyz[facing] * shape_error) @ rotation.T, normal[facing] @ rotation.T, facing
 
-    # Framing: pixel size and where the body centre falls; sometimes cut off, junk badly so.
+
+@dataclass(frozen=True)
+class _Frame:
+    """Where the person falls in the image: the size of a pixel in body units, and the (fractional)
+    column and row of the body centre."""
+
+    rows: int
+    cols: int
+    pixel_size: float
+    centre_col: float
+    centre_row: float
+
+
+def _frame(height: float, rows: int, cols: int, junk: bool, rng: np.random.Generator) -> _Frame:
+    """Pixel size and where the body centre falls; sometimes cut off, junk badly so."""
     fill = rng.uniform(1.3, 2.2) if junk else (rng.uniform(1.0, 1.2) if rng.random() < 0.1 else rng.uniform(0.82, 0.97))
-    pixel = identity.height / (fill * rows)
     shift = (0.25 if junk else 0.06) * rng.normal(size=2)
-    centre_col, centre_row = cols * (0.5 + shift[0]), rows * (0.5 + 0.5 * shift[1])
+    return _Frame(rows, cols, height / (fill * rows), cols * (0.5 + shift[0]), rows * (0.5 + 0.5 * shift[1]))
 
-    background, occluded = _background(camera, rng, rows, cols)
-    light = _normalise(camera.light + rng.normal(0, 0.15, 3))
+
+@dataclass(frozen=True)
+class _Light:
+    """The lighting of one image: the camera's, varied a little."""
+
+    direction: np.ndarray  # unit vector towards the light, camera frame
+    gain: float
+    cast: np.ndarray  # per-channel colour cast
+
+
+def _light(camera: Camera, rng: np.random.Generator) -> _Light:
+    direction = _normalise(camera.light + rng.normal(0, 0.15, 3))
     gain = camera.gain * rng.uniform(0.85, 1.15)
-    cast = camera.cast * (1 + rng.normal(0, 0.03, 3))
+    return _Light(direction, gain, camera.cast * (1 + rng.normal(0, 0.03, 3)))
 
-    col = np.floor(xyz[:, 0] / pixel + centre_col).astype(np.int64)
-    row = np.floor(centre_row - xyz[:, 1] / pixel).astype(np.int64)
+
+def _visible(xyz: np.ndarray, frame: _Frame, occluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The points a z-buffer keeps, in template order (like SMPL's vertex order), and their pixels.
+
+    A point is kept if it falls inside the image, not on an occluder, and is the front-most one of
+    its pixel; on exact depth ties the first in template order.
+    """
+    rows, cols = frame.rows, frame.cols
+    col = np.floor(xyz[:, 0] / frame.pixel_size + frame.centre_col).astype(np.int64)
+    row = np.floor(frame.centre_row - xyz[:, 1] / frame.pixel_size).astype(np.int64)
     candidate = np.flatnonzero((col >= 0) & (col < cols) & (row >= 0) & (row < rows))
     candidate = candidate[~occluded[row[candidate], col[candidate]]]
     pixel_id = row[candidate] * cols + col[candidate]
@@ -623,32 +763,47 @@ def render_person(
     np.maximum.at(depth, pixel_id, xyz[candidate, 2])
     front = xyz[candidate, 2] == depth[pixel_id]
     _, first = np.unique(pixel_id[front], return_index=True)  # one point per pixel, even on exact ties
-    body = np.sort(candidate[front][first])  # template order, like SMPL's vertex order
-    body_xyz = xyz[body] + rng.normal(0, 0.004, (len(body), 3))
+    body = np.sort(candidate[front][first])
+    return body, row[body] * cols + col[body]
 
-    # Body colours: albedo under the camera's light, with a specular highlight and sensor noise.
-    n = normal[body]
-    half = _normalise(light + [0, 0, 1])
-    shade = 0.55 + 0.45 * np.clip(n @ light, 0, None)
-    specular = identity.shine * np.clip(n @ half, 0, None) ** 30
-    body_rgb = identity.albedo[facing[body]] * shade[:, None] * gain * cast + specular[:, None]
-    body_rgb += rng.normal(0, 0.025, body_rgb.shape)
 
-    # Background: one point per remaining pixel, row-major, on a plane behind the person.
-    free = np.ones(rows * cols, dtype=bool)
-    free[row[body] * cols + col[body]] = False
-    free_row, free_col = np.divmod(np.flatnonzero(free), cols)
-    plane_z = (body_xyz[:, 2].min() if len(body) else 0.0) - rng.uniform(0.05, 0.3)
+def _body_colours(
+    albedo: np.ndarray, normal: np.ndarray, shine: float, light: _Light, rng: np.random.Generator
+) -> np.ndarray:
+    """Albedo under the image's light, with a specular highlight and sensor noise."""
+    half = _normalise(light.direction + [0, 0, 1])
+    shade = 0.55 + 0.45 * np.clip(normal @ light.direction, 0, None)
+    specular = shine * np.clip(normal @ half, 0, None) ** 30
+    rgb = albedo * shade[:, None] * light.gain * light.cast + specular[:, None]
+    rgb += rng.normal(0, 0.025, rgb.shape)
+    return rgb
+
+
+def _background_points(
+    background: np.ndarray,
+    body_pixels: np.ndarray,
+    body_xyz: np.ndarray,
+    frame: _Frame,
+    light: _Light,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One point per pixel without a body point, row-major, on a plane a little behind the person."""
+    free = np.ones(frame.rows * frame.cols, dtype=bool)
+    free[body_pixels] = False
+    free_row, free_col = np.divmod(np.flatnonzero(free), frame.cols)
+    plane_z = (body_xyz[:, 2].min() if len(body_xyz) else 0.0) - rng.uniform(0.05, 0.3)
+    pixel_size, centre_col, centre_row = frame.pixel_size, frame.centre_col, frame.centre_row
     bg_xyz = np.stack(
-        [(free_col + 0.5 - centre_col) * pixel, (centre_row - free_row - 0.5) * pixel, np.full(len(free_row), plane_z)],
+        [
+            (free_col + 0.5 - centre_col) * pixel_size,
+            (centre_row - free_row - 0.5) * pixel_size,
+            np.full(len(free_row), plane_z),
+        ],
         axis=1,
     )
-    bg_rgb = background[free_row, free_col] * gain * cast
+    bg_rgb = background[free_row, free_col] * light.gain * light.cast
     bg_rgb = np.where(np.isnan(bg_rgb), 1.0, bg_rgb)  # glare: over-exposed, pure white "blank" pixels
-
-    xyz_out = np.concatenate([body_xyz, bg_xyz])
-    rgb_out = np.clip(np.concatenate([body_rgb, bg_rgb]), 0, 1)
-    return xyz_out, rgb_out
+    return bg_xyz, bg_rgb
 
 
 def _background(camera: Camera, rng: np.random.Generator, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
