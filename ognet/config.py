@@ -56,7 +56,7 @@ class SamplerConfig:
 @dataclass
 class LossConfig:
     circle: bool = False
-    gamma: float = 64.0
+    gamma: float = 32.0  # the original's default (--gamma); its README commands pass 64 or 96
     m: float = 0.25
     form: str = "global"  # global (the original's) | per_anchor
     feature: str = "dropout"  # dropout: the original's post-dropout feature | bn: the clean BN feature
