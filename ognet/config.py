@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from ognet.errors import ConfigError
+from ognet.io import read_yaml_mapping
 
 
 @dataclass
@@ -199,14 +200,7 @@ def validate(config: Config) -> None:
 def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'base' files form a cycle")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config ({e.strerror or e})") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config file must be a mapping of keys, got {type(data).__name__}")
+    data = read_yaml_mapping(path, "config", ConfigError)
     base = data.pop("base", None)
     if base is None:
         return data

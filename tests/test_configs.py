@@ -24,6 +24,7 @@ from original_cli import (
 )
 
 from ognet.config import Config, load_config
+from ognet.errors import ConfigError
 from ognet.losses import ReidLoss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,3 +143,19 @@ def test_a_config_that_drifts_from_its_command_is_named(override, named):
 def test_gamma_defaults_to_the_originals():
     assert Config().loss.gamma == parse_command(MARKET.replace(" --gamma 64", "")).gamma == ReidLoss().gamma == 32
     assert set(DATASETS.values()) == set(CURRENT) == set(SEED)
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        (None, "cannot read config (No such file or directory)"),
+        ("- a\n- b\n", "config must be a mapping of keys, got list"),
+        ("train: [", "config is not valid YAML"),
+    ],
+)
+def test_unreadable_config_files_name_the_file(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: {message}")):
+        load_config(path)
