@@ -33,11 +33,10 @@ class _Parser(argparse.ArgumentParser):
 def original_parser() -> argparse.ArgumentParser:
     """train_M.py's flags used by the README commands, with train_M.py's defaults."""
     p = _Parser(prog="train_M.py", allow_abbrev=False, add_help=False)
-    for flag in ("--flip", "--scale", "--use_dense", "--efficient", "--adam", "--train_all", "--gem", "--wa"):
+    switches = ("--flip", "--scale", "--use_dense", "--efficient", "--adam", "--train_all", "--gem", "--wa")
+    for flag in (*switches, "--amsgrad", "--balance", "--circle"):
         p.add_argument(flag, action="store_true")
-    for flag in ("--amsgrad", "--balance", "--circle"):
-        p.add_argument(flag, action="store_true")
-    p.add_argument("--name", type=str, default="basic")
+    p.add_argument("--name", type=str, default="basic")  # the output folder: ours is run_dir, free
     p.add_argument("--gpu_ids", type=str, default="0")
     p.add_argument("--dataset-path", "--dataset", type=str, default="./2DMarket/")
     p.add_argument("--batch-size", type=int, default=8)
