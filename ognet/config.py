@@ -25,8 +25,8 @@ from ognet.data.dataset import BadSamples
 from ognet.data.sampler import SamplerMode, StratifiedSampler
 from ognet.data.transforms import TransformConfig
 from ognet.errors import ConfigError
-from ognet.io import atomic_write
-from ognet.losses import CircleForm
+from ognet.io import atomic_write, read_yaml_mapping
+from ognet.losses import GAMMA, CircleForm
 from ognet.metrics import APMode
 from ognet.model.network import Variant
 
@@ -70,7 +70,7 @@ class SamplerConfig:
 @dataclass
 class LossConfig:
     circle: bool = False
-    gamma: float = 64.0
+    gamma: float = GAMMA  # the original's default (--gamma); its README commands pass 64 or 96
     m: float = 0.25
     form: CircleForm = "global"  # global (the original's) | per_anchor
     feature: CircleFeature = "dropout"  # dropout: the original's post-dropout feature | bn: the clean BN feature
@@ -205,14 +205,7 @@ def eval_transforms(data: DataConfig) -> TransformConfig:
 def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'base' files form a cycle")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config ({e.strerror or e})") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config file must be a mapping of keys, got {type(data).__name__}")
+    data = read_yaml_mapping(path, "config", ConfigError)
     base = data.pop("base", None)
     if base is None:
         return data

@@ -1,4 +1,4 @@
-"""Small file-system helpers shared by every writer: a file exists only once it is complete."""
+"""Small file-system helpers: a file exists only once it is complete; a YAML file names itself in errors."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
+
+import yaml
 
 from ognet.errors import OgnetError
 
@@ -91,3 +93,18 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def read_yaml_mapping(path: Path, what: str, error: type[OgnetError] = OgnetError) -> dict:
+    """A YAML file that must hold a mapping (an empty file is an empty one); errors name the file."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise error(f"{path}: cannot read {what} ({e.strerror or e})") from e
+    except yaml.YAMLError as e:
+        raise error(f"{path}: {what} is not valid YAML ({e})") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise error(f"{path}: {what} must be a mapping of keys, got {type(data).__name__}")
+    return data

@@ -19,6 +19,7 @@ from ognet.errors import ConfigError
 
 CircleForm = Literal["global", "per_anchor"]
 CIRCLE_FORMS: tuple[str, ...] = get_args(CircleForm)
+GAMMA = 32.0  # the original's default (train_M.py --gamma); its README commands pass 64 or 96
 
 
 def _cosine_similarity(features: torch.Tensor) -> torch.Tensor:
@@ -32,7 +33,7 @@ def _zero_like_loss(features: torch.Tensor) -> torch.Tensor:
     return features.sum() * 0.0
 
 
-def circle_loss(features: torch.Tensor, labels: torch.Tensor, m: float = 0.25, gamma: float = 64.0) -> torch.Tensor:
+def circle_loss(features: torch.Tensor, labels: torch.Tensor, m: float = 0.25, gamma: float = GAMMA) -> torch.Tensor:
     """OG-Net's circle loss: one logsumexp over all positive and all negative pairs i < j.
 
     Returns the sum-form value before the original's division by the batch size; 0 when the batch
@@ -53,7 +54,7 @@ def circle_loss(features: torch.Tensor, labels: torch.Tensor, m: float = 0.25, g
 
 
 def circle_loss_per_anchor(
-    features: torch.Tensor, labels: torch.Tensor, m: float = 0.25, gamma: float = 64.0
+    features: torch.Tensor, labels: torch.Tensor, m: float = 0.25, gamma: float = GAMMA
 ) -> torch.Tensor:
     """fast-reid / pytorch-metric-learning circle loss: per anchor a logsumexp over its positives
     and one over its negatives, softplus, mean over the anchors that have both (0 if none has)."""
@@ -95,7 +96,7 @@ class ReidLoss(nn.Module):
     term sees is the caller's choice (the original uses the post-dropout one).
     """
 
-    def __init__(self, circle: bool = False, m: float = 0.25, gamma: float = 64.0, circle_form: CircleForm = "global"):
+    def __init__(self, circle: bool = False, m: float = 0.25, gamma: float = GAMMA, circle_form: CircleForm = "global"):
         super().__init__()
         if circle_form not in CIRCLE_FORMS:
             raise ConfigError(f"circle_form {circle_form!r} is not one of {', '.join(CIRCLE_FORMS)}")

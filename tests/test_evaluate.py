@@ -456,11 +456,8 @@ def test_imported_original_checkpoint_gives_the_same_features(evaluated, checkpo
 
     assert IMPORT_ORIGINAL.exists(), f"console script {IMPORT_ORIGINAL} missing: pip install -e ."
     converted = tmp_path / "imported.pt"
-    run(
-        [str(IMPORT_ORIGINAL), str(original), str(converted), "--set", "init_points=64", "--set", "k=4"],
-        env=eval_env(),
-        timeout=120,
-    )
+    options = ("--set", "init_points=64", "--set", "k=4", "--set", "norm=bn2")  # no opts.yaml: norm must be given
+    run([str(IMPORT_ORIGINAL), str(original), str(converted), *options], env=eval_env(), timeout=120)
     config = load_checkpoint(converted)["model_config"]
     assert (config["variant"], config["num_classes"]) == ("ognet-small", 751)
     assert {"init_points": 64, "k": 4}.items() <= config["overrides"].items()

@@ -257,7 +257,8 @@ def test_mismatched_original_checkpoints_name_the_keys():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_variant_and_classes_are_inferred(variant):
-    assert infer_model_config(original_state_dict(variant, 702)) == (variant, 702, {})
+    bn2 = {"norm": "bn2"}
+    assert infer_model_config(original_state_dict(variant, 702), overrides=bn2) == (variant, 702, bn2)
     name, classes, options = infer_model_config(original_state_dict(variant, 767, gem=False), overrides={"norm": "bn"})
     assert (name, classes, options) == (variant, 767, {"gem": False, "norm": "bn"})
 
@@ -274,7 +275,9 @@ def test_import_original_command(tmp_path):
     model.load_state_dict(ckpt["model"], strict=True)
     assert torch.equal(model.p_w, original["module.p_w"])
     with pytest.raises(OgnetError, match="matches no OG-Net variant"):
-        import_original(str(tmp_path / "model_last.pth"), str(tmp_path / "x.pt"), variant="ognet")
+        import_original(
+            str(tmp_path / "model_last.pth"), str(tmp_path / "x.pt"), variant="ognet", overrides={"norm": "bn"}
+        )
     assert not (tmp_path / "x.pt").exists()
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     assert main([str(tmp_path / "junk.pth"), str(tmp_path / "y.pt")]) == 1
