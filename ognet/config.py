@@ -11,7 +11,11 @@ overrides. The resolved config is saved with every run.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import io
+import tokenize
 import types
 import typing
 from collections.abc import Sequence
@@ -39,16 +43,16 @@ CircleFeature = Literal["dropout", "bn"]
 @dataclass
 class DataConfig:
     root: str = "data/shards"  # folder or URL prefix holding <split>/index.json
-    train_split: str = "train_all"
-    query_split: str = "query"
-    gallery_split: str = "gallery"
+    train_split: str = "train_all"  # split trained on (the original trains on train_all)
+    query_split: str = "query"  # split of the evaluation's queries
+    gallery_split: str = "gallery"  # split of the evaluation's gallery
     cache_dir: str | None = None  # local cache for remote shards (default ~/.cache/ognet/shards)
     num_workers: int = 2  # DataLoader workers per rank
-    slim: float = 0.5
-    flip: bool = True
-    scale: bool = True
-    rotate: bool = False
-    erase: float = 0.0
+    slim: float = 0.5  # share of the points kept per cloud (the original's --slim)
+    flip: bool = True  # training: mirror x with probability 0.5
+    scale: bool = True  # training: per-axis scale in [0.75, 1.33] and clipped point jitter
+    rotate: bool = False  # training: random rotation about the vertical axis
+    erase: float = 0.0  # training: grey out a block of up to this share of the points
     # what an unreadable (corrupt, truncated, missing) sample does. skip: training replaces it by a
     # readable sample of the same identity, evaluation leaves it out; both count it
     bad_samples: BadSamples = "error"
@@ -56,33 +60,33 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    variant: Variant = "ognet"
+    variant: Variant = "ognet"  # OG-Net, OG-Net-Small or OG-Net-Deep
     overrides: dict = field(default_factory=dict)  # constructor options, e.g. {k: 9}
 
 
 @dataclass
 class SamplerConfig:
-    mode: SamplerMode = "balance"
+    mode: SamplerMode = "balance"  # balance (--balance), class_sampler (--class_sampler), shuffle, pk (P x K)
     k: int = 4  # images per class per pass (class_sampler) or instances per identity (pk)
-    camera_aware: bool = False  # pk only
+    camera_aware: bool = False  # pk: an identity's K instances from as many cameras as possible
 
 
 @dataclass
 class LossConfig:
-    circle: bool = False
-    gamma: float = GAMMA  # the original's default (--gamma); its README commands pass 64 or 96
-    m: float = 0.25
+    circle: bool = False  # add the circle loss over the all-gathered global batch (--circle)
+    gamma: float = GAMMA  # the circle loss's scale (--gamma; its README commands pass 64 or 96)
+    m: float = 0.25  # the circle loss's margin
     form: CircleForm = "global"  # global (the original's) | per_anchor
     feature: CircleFeature = "dropout"  # dropout: the original's post-dropout feature | bn: the clean BN feature
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
+    lr: float = 1e-3  # Adam's learning rate for the global batch (--lrRate)
     weight_decay: float = 5e-4  # coupled L2 on every parameter, as the original
-    amsgrad: bool = True
-    betas: tuple = (0.9, 0.999)
-    eps: float = 1e-8
+    amsgrad: bool = True  # Adam's AMSGrad variant (--amsgrad)
+    betas: tuple = (0.9, 0.999)  # Adam's betas
+    eps: float = 1e-8  # Adam's epsilon
     min_lr_ratio: float = 0.01  # cosine annealing per epoch down to min_lr_ratio * lr
     loss_warmup_epochs: int = 10  # the original's loss warm-up (scales the loss from 0.1 to 1)
     lr_warmup_epochs: int = 0  # option: linear LR warm-up (not in the original)
@@ -90,37 +94,40 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 1500
+    epochs: int = 1500  # epochs to train (--num-epoch)
     global_batch_size: int = 36  # the same whatever the world size
-    seed: int = 0
-    backend: Backend = "ddp"
-    deepspeed_config: str = "configs/deepspeed/zero2.json"
-    precision: Precision = "fp32"
-    sync_bn: bool = False
+    seed: int = 0  # fixes initialisation, data order, augmentation and dropout on every rank
+    # fine-tuning: start from this checkpoint's weights (ours, or ognet-import-original's) with a fresh
+    # schedule; the classifier is re-initialised when the class count differs; a resume wins over it
+    init_from: str | None = None
+    backend: Backend = "ddp"  # ddp (also a single process) or deepspeed (ZeRO 1/2)
+    deepspeed_config: str = "configs/deepspeed/zero2.json"  # DeepSpeed's JSON (ZeRO stage and options)
+    precision: Precision = "fp32"  # fp32, bf16 (autocast), fp16 (CUDA, grad scaler)
+    sync_bn: bool = False  # BatchNorm statistics over all ranks (CUDA)
     wa: bool = False  # weight averaging from wa_start * epochs, BN re-estimated at the end
-    wa_start: float = 0.9
+    wa_start: float = 0.9  # share of the epochs after which weight averaging starts (--wa_start)
     max_steps_per_epoch: int = 0  # > 0 cuts epochs short (demos, tests)
     checkpoint_every_steps: int = 0  # > 0: also checkpoint inside epochs
-    keep_checkpoints: int = 2
-    log_every_steps: int = 10
+    keep_checkpoints: int = 2  # newest training checkpoints kept in <run_dir>/checkpoints
+    log_every_steps: int = 10  # log line and TensorBoard values every this many steps
     eval_every_epochs: int = 0  # 0: evaluate only at the end
     nonfinite: NonFinite = "stop"  # what a non-finite loss or gradient does
-    collective_timeout_s: float = 600.0
+    collective_timeout_s: float = 600.0  # a collective waiting longer fails, naming itself
 
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 48
+    batch_size: int = 48  # clouds per forward pass when extracting features
     scales: tuple = (1.0, 1.1)  # the original's test-time augmentation: f(xyz) + f(1.1 xyz)
     flip: bool = False  # option: also add the features of the x-flipped cloud
     ap: APMode = "trapezoid"  # trapezoid (Market devkit, the original) | noninterp (torchreid, fast-reid)
-    save_features: bool = False
+    save_features: bool = False  # also write the features (.npy, and the original's .mat)
     rank_list_queries: int = 4  # rank-list pictures written to TensorBoard (0: none)
 
 
 @dataclass
 class Config:
-    run_dir: str = "runs/default"
+    run_dir: str = "runs/default"  # where config, checkpoints, models, metrics, logs and TensorBoard go
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -275,6 +282,45 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return value
     names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
     raise ConfigError(f"config key {key} must be {names}, got {value!r} ({type(value).__name__})")
+
+
+def describe_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, meaning) of every config key. The meaning is the field's comment in
+    this file (the comment lines just above it and the one after it), so it is written once."""
+    comments = _field_comments(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            rows += describe_keys(hint, f"{prefix}{f.name}.")
+        else:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            rows.append((f"{prefix}{f.name}", plain(default), comments.get(f.name, "")))
+    return rows
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    lines, first = inspect.getsourcelines(cls)
+    by_line = {}
+    for token in tokenize.generate_tokens(io.StringIO("".join(lines)).readline):
+        if token.type == tokenize.COMMENT:
+            by_line[token.start[0]] = token.string.lstrip("# ").strip()
+    found = {}
+    for node in ast.parse("".join(lines)).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            above, line = [], node.lineno - 1
+            while line in by_line and not lines[line - 1].split("#")[0].strip():
+                above.insert(0, by_line[line])
+                line -= 1
+            found[node.target.id] = " ".join(above + [by_line.get(node.end_lineno, "")]).strip()
+    return found
+
+
+def keys_help() -> str:
+    """Every config key, its default and its meaning, for `--help`."""
+    rows = describe_keys()
+    width = max(len(f"{key}={default}") for key, default, _ in rows) + 2
+    return "\n".join(f"  {f'{key}={default}':<{width}}{meaning}" for key, default, meaning in rows)
 
 
 def flatten(data: dict, prefix: str = "") -> dict:

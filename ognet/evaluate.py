@@ -259,20 +259,26 @@ def rank_list_picture(
 
 def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> OGNet:
     """The model a checkpoint holds (ours, or an imported original), its weights loaded strictly."""
-    payload = load_checkpoint(checkpoint, map_location=device)
+    return _model_from(load_checkpoint(checkpoint, map_location=device), str(checkpoint)).to(device)
+
+
+def _model_from(payload: dict[str, Any], source: str) -> OGNet:
     model = build_from_spec(payload["model_config"])
-    load_model_state(model, payload["model"], str(checkpoint))
-    return model.to(device)
+    load_model_state(model, payload["model"], source)
+    return model
 
 
 def evaluate_checkpoint(config: Config, checkpoint: str | Path) -> dict[str, Any]:
-    """The `ognet-eval` command: one checkpoint (ours, or an imported original) on query/gallery."""
+    """The `ognet-eval` command: one checkpoint (ours, or an imported original) on query/gallery,
+    logged at the training step the checkpoint was written at (0 if it does not say)."""
     out_dir = Path(config.run_dir)
-    with session(config.train.collective_timeout_s, out_dir / "tb") as (info, monitor):
-        if info.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        model = load_model(checkpoint, info.device)
-        return evaluate_model(model, config, info, monitor, tag="eval", out_dir=out_dir)
+    with session(out_dir, "eval.log", config.train.collective_timeout_s) as (info, monitor):
+        payload = load_checkpoint(checkpoint, map_location=info.device)
+        model = _model_from(payload, str(checkpoint)).to(info.device)
+        step = int(payload.get("step", 0))
+        monitor.log(f"evaluating {checkpoint} (training step {step})")
+        monitor.text("eval/checkpoint", f"{Path(checkpoint).resolve()} (training step {step})", step)
+        return evaluate_model(model, config, info, monitor, step=step, tag="eval", out_dir=out_dir)
 
 
 def main(argv: list[str] | None = None) -> None:

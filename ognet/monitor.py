@@ -51,6 +51,10 @@ class Monitor:
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, step)
 
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
     def image(self, tag: str, image: np.ndarray, step: int) -> None:
         """An (H, W, 3) uint8 picture."""
         if self.writer is not None:

@@ -20,7 +20,7 @@ __all__ = ["NonFiniteError", "Trainer", "main", "train"]
 
 def train(config: Config) -> dict[str, Any]:
     """Train as configured; returns the final metrics (if evaluated) and where the models went."""
-    with session(config.train.collective_timeout_s, Path(config.run_dir) / "tb") as (info, monitor):
+    with session(Path(config.run_dir), "train.log", config.train.collective_timeout_s) as (info, monitor):
         trainer = Trainer(config, info, monitor)
         try:
             return trainer.train()

@@ -80,3 +80,21 @@ class Checkpointer:
                 path, {"model": module.state_dict(), "model_config": self.constants["model_config"], "step": step}
             )
         return path
+
+
+CLASSIFIER = ("proj_output.weight", "proj_output.bias")  # the only tensors whose shape depends on the data set
+
+
+def init_weights(model: nn.Module, path: str | Path) -> str:
+    """Load the weights of another run (fine-tuning) into `model`; returns what was done, for the
+    log. Every tensor must fit (another variant or option is an error naming the keys), except the
+    classifier, which keeps its fresh initialisation when the class count differs."""
+    state = dict(load_checkpoint(path)["model"])
+    ours = model.state_dict()
+    note = "classifier too"
+    theirs, mine = state.get(CLASSIFIER[0]), ours[CLASSIFIER[0]]
+    if theirs is not None and theirs.shape != mine.shape:
+        state.update({key: ours[key] for key in CLASSIFIER})
+        note = f"classifier re-initialised ({theirs.shape[0]} -> {mine.shape[0]} classes)"
+    load_model_state(model, state, str(path))
+    return f"weights initialised from {path} ({note}); schedule from the start"

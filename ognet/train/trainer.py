@@ -21,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ognet import dist
+from ognet.checkpoint import latest_checkpoint
 from ognet.config import Config, save_config
 from ognet.data.loading import TrainData
 from ognet.errors import OgnetError, Preempted
@@ -30,7 +31,7 @@ from ognet.model import build_model, model_spec
 from ognet.monitor import Monitor
 from ognet.train.agreement import Agreement, Verdict
 from ognet.train.averaging import WeightAverage, update_bn
-from ognet.train.checkpointer import Checkpointer
+from ognet.train.checkpointer import Checkpointer, init_weights
 from ognet.train.engine import StepResult, build_engine
 from ognet.train.meters import TrainMetrics
 from ognet.train.progress import Progress
@@ -50,6 +51,8 @@ class Trainer:
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.model = build_model(config.model.variant, self.data.num_classes, **config.model.overrides).to(info.device)
         self.spec = model_spec(config.model.variant, self.data.num_classes, config.model.overrides)
+        resuming = latest_checkpoint(self.run_dir / "checkpoints") is not None
+        self.initialised = init_weights(self.model, t.init_from) if t.init_from and not resuming else None
         self.engine = build_engine(self.model, config, info, self.data.local_batch_size)
         self.rollback = BufferRollback(self.model)  # after the engine, which may cast the buffers anew
         self.loss_fn = ReidLoss(
@@ -86,6 +89,8 @@ class Trainer:
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.config, self.run_dir / "config.yaml")
+        if self.initialised:
+            self.monitor.log(self.initialised)
         resumed = self.checkpointer.resume()
         if resumed is not None:
             self.monitor.log(f"resumed from {resumed} at epoch {self.progress.epoch} step {self.progress.step}")
