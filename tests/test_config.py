@@ -63,3 +63,20 @@ def test_yaml_1_1_exponents_and_tuples():
     config = load_config(None, ["optim.lr=4e-3", "optim.betas=[0.5, 0.9]"])
     assert config.optim.lr == 0.004 and config.optim.betas == (0.5, 0.9)
     assert Config().to_dict()["optim"]["betas"] == [0.9, 0.999]  # plain lists for YAML and JSON
+
+
+def test_every_key_is_described_by_help_and_print_config_prints_the_resolved_config(capsys):
+    from ognet.config import describe_keys
+    from ognet.train import main
+
+    rows = describe_keys()
+    assert len(rows) > 50 and [key for key, _, meaning in rows if not meaning] == []
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert all(f"  {key}={default}" in out for key, default, _ in rows)
+    assert "75 preempted" in out
+    main(["--print-config", "train.epochs=3", "sampler.mode=pk"])
+    printed = capsys.readouterr().out
+    assert "epochs: 3" in printed and "mode: pk" in printed

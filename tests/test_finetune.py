@@ -38,7 +38,10 @@ def other_shards(tmp_path_factory) -> Path:
 def trained(tiny_shards, tmp_path_factory) -> Path:
     """model_last.pt of a short run on the tiny set (8 identities)."""
     run_dir = tmp_path_factory.mktemp("source") / "run"
-    run([sys.executable, TRAIN, *train_args(tiny_shards, run_dir, "train.epochs=1", "eval.rank_list_queries=0")], timeout=300)
+    run(
+        [sys.executable, TRAIN, *train_args(tiny_shards, run_dir, "train.epochs=1", "eval.rank_list_queries=0")],
+        timeout=300,
+    )
     return run_dir / "model_last.pt"
 
 
