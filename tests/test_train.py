@@ -141,24 +141,30 @@ def test_two_rank_ddp_run_learns_and_is_reproducible(tiny_shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_learns_and_resumes(tiny_shards, tmp_path):
-    pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed (tests/run.sh installs it)")
+@pytest.mark.parametrize(("stage", "precision"), [(2, "bf16"), (1, "fp32")])
+def test_deepspeed_learns_and_resumes(tiny_shards, tmp_path, stage, precision):
+    """ZeRO-2 in bf16 (DeepSpeed's torch_autocast: float32 module and partitions) and ZeRO-1 in fp32."""
+    import deepspeed  # noqa: F401  (tests/run.sh installs the deepspeed extra; without it this fails, naming it)
+
     run_dir = tmp_path / "ds"
     env = clean_env(DS_ACCELERATOR="cpu")
     base = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", TRAIN]
+    config = REPO / "configs" / "deepspeed" / f"zero{stage}.json"
     args = train_args(
         tiny_shards,
         run_dir,
         *LEARNING,
         "train.backend=deepspeed",
+        f"train.precision={precision}",
         "train.epochs=6",
-        f"train.deepspeed_config={REPO / 'configs' / 'deepspeed' / 'zero2.json'}",
+        f"train.deepspeed_config={config}",
     )
     proc = run([*base, *args, "train.epochs=3"], env=env, timeout=400)  # the later override wins
-    assert "(deepspeed, fp32)" in proc.stdout
+    assert f"(deepspeed, {precision})" in proc.stdout
     tags = sorted(p.name for p in (run_dir / "checkpoints" / "deepspeed").iterdir() if p.is_dir())
     assert tags == ["step-00000012.pt", "step-00000018.pt"]  # pruned with our checkpoints (keep 2)
     assert len(list((run_dir / "checkpoints" / "deepspeed" / tags[-1]).glob("*optim_states.pt"))) == 2  # one per rank
+    assert all(v.dtype in (torch.float32, torch.int64) for v in weights(run_dir / "model_last.pt").values())
 
     (run_dir / "model_last.pt").unlink()
     proc = run([*base, *args], env=env, timeout=400)  # epochs=6: resumes after epoch 2

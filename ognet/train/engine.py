@@ -164,21 +164,30 @@ class DeepSpeedPartitions:
 class DeepSpeedEngine:
     """DeepSpeed ZeRO 1/2 around the same torch Adam (no JIT-compiled optimizer).
 
-    Its step happens inside the ZeRO partitions and cannot be skipped on the device, so a
-    non-finite loss is agreed on by a host-read vote before the backward (one synchronisation per
-    step; ZeRO's step makes its own). Non-finite gradients are not detected."""
+    bf16 is DeepSpeed's `torch_autocast`: the module and its ZeRO partitions stay float32 and the
+    forward runs under autocast, as with DDP, so BatchNorm, weight averaging and checkpoints are
+    float32 (DeepSpeed's own `bf16` mode casts the parameters but not BatchNorm's buffers, which
+    the forward then refuses). Its step happens inside the ZeRO partitions and cannot be skipped on
+    the device, so a non-finite loss is agreed on by a host-read vote before the backward (one
+    synchronisation per step; ZeRO's step makes its own). Non-finite gradients are not detected."""
 
     def __init__(self, model: nn.Module, config: Config, info: dist.DistInfo, local_batch: int):
         import deepspeed  # here, not at the top: an optional dependency that takes seconds to import
 
         self.precision, self.device = config.train.precision, info.device
+        if self.precision == "fp16":
+            raise ConfigError(
+                "train.precision=fp16 with train.backend=deepspeed: DeepSpeed has no loss scaler for autocast "
+                "under ZeRO, and its fp16 mode casts BatchNorm's parameters but not its statistics; use bf16"
+            )
         ds_config = json.loads(Path(config.train.deepspeed_config).read_text())
         ds_config.pop("train_batch_size", None)
         ds_config.update(
             train_micro_batch_size_per_gpu=local_batch,
             gradient_accumulation_steps=1,
-            bf16={"enabled": self.precision == "bf16"},
-            fp16={"enabled": self.precision == "fp16"},
+            bf16={"enabled": False},
+            fp16={"enabled": False},
+            torch_autocast={"enabled": self.precision == "bf16", "dtype": "bfloat16"},
         )
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=make_optimizer(model, config), config=ds_config
@@ -187,7 +196,7 @@ class DeepSpeedEngine:
         self.partitioned: dict[str, Partitioned] = {"deepspeed": DeepSpeedPartitions(self.model)}
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast(self.device.type, enabled=False)  # DeepSpeed casts the module itself
+        return contextlib.nullcontext()  # DeepSpeed's forward enters torch_autocast itself
 
     def set_lr(self, lr: float) -> None:
         set_lr(self.optimizer, lr)
