@@ -4,16 +4,35 @@
 # Afterwards $OGNET_PY is the virtual environment's python.
 # Environment: OGNET_VENV (default .venv), OGNET_TORCH (torch requirement installed first when the
 # venv has no torch; default: torch==2.13.0 on machines without an NVIDIA driver, plain torch otherwise).
+# A failed install stops here with pip's own error; the "installed" stamp is written only after the
+# installed package was imported from outside the repository.
 set -euo pipefail
 OGNET_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OGNET_VENV="${OGNET_VENV:-$OGNET_ROOT/.venv}"
 OGNET_EXTRAS="${1:-}"
 
+# Every failure below ends the set-up explicitly (`return` when sourced, `exit` when run), also
+# where `set -e` does not apply (e.g. `source launch/setup_env.sh && ...`).
+
+# pip, quietly; on failure its whole output and a line saying what failed, and status 1.
+ognet_pip() {
+  local log status=0
+  log="$(mktemp)"
+  "$OGNET_PY" -m pip install -q --disable-pip-version-check "$@" >"$log" 2>&1 || status=$?
+  if [ "$status" != 0 ]; then
+    grep -v 'is ignored' "$log" >&2 || true
+    echo "[setup] pip install $* failed (pip's output above)" >&2
+  fi
+  rm -f "$log"
+  return "$status"
+}
+
 # 1. System library: open3d's wheel links against libusb-1.0.
 if ! ldconfig -p 2>/dev/null | grep -q 'libusb-1.0.so.0'; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "[setup] installing libusb-1.0-0 (needed by open3d)"
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libusb-1.0-0) >/dev/null
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libusb-1.0-0) >/dev/null \
+      || { echo "[setup] apt-get install libusb-1.0-0 failed" >&2; return 1 2>/dev/null || exit 1; }
   else
     echo "[setup] warning: libusb-1.0-0 is missing and this is not root; ask your admin for" \
          "'apt-get install libusb-1.0-0' (Debian/Ubuntu) or 'dnf install libusb1' (RHEL)." >&2
@@ -31,18 +50,26 @@ if ! "$OGNET_PY" -c 'import torch' 2>/dev/null; then
     if command -v nvidia-smi >/dev/null; then OGNET_TORCH="torch"; else OGNET_TORCH="torch==2.13.0"; fi
   fi
   echo "[setup] installing $OGNET_TORCH"
-  "$OGNET_PY" -m pip install -q --disable-pip-version-check "$OGNET_TORCH" 2>&1 | grep -v 'is ignored' || true
-  "$OGNET_PY" -c 'import torch' || { echo "[setup] torch did not install" >&2; return 1 2>/dev/null || exit 1; }
+  # shellcheck disable=SC2086  # OGNET_TORCH may carry pip options (--index-url ...)
+  ognet_pip $OGNET_TORCH || { return 1 2>/dev/null || exit 1; }
+  "$OGNET_PY" -c 'import torch' || { echo "[setup] torch installed but does not import" >&2; return 1 2>/dev/null || exit 1; }
 fi
 
-# 4. The project itself, editable; skipped when setup.cfg and the extras have not changed.
+# 4. The project itself, editable; skipped when the metadata and the extras have not changed.
 stamp="$OGNET_VENV/.ognet-installed"
-want="$(cat "$OGNET_ROOT/setup.cfg" "$OGNET_ROOT/pyproject.toml" | sha256sum | cut -c1-16) [$OGNET_EXTRAS]"
+want="$(cat "$OGNET_ROOT/setup.cfg" "$OGNET_ROOT/pyproject.toml" 2>/dev/null | sha256sum | cut -c1-16) [$OGNET_EXTRAS]"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  rm -f "$stamp"
   spec="$OGNET_ROOT"; [ -n "$OGNET_EXTRAS" ] && spec="$OGNET_ROOT[$OGNET_EXTRAS]"
   echo "[setup] installing ognet ${OGNET_EXTRAS:+with extras $OGNET_EXTRAS}"
   torch_pin="torch==$("$OGNET_PY" -c 'import torch; print(torch.__version__.split("+")[0])')"
-  "$OGNET_PY" -m pip install -q --disable-pip-version-check -e "$spec" "$torch_pin" 2>&1 | grep -v 'is ignored' || true
-  "$OGNET_PY" -c 'import ognet' || { echo "[setup] ognet did not install" >&2; return 1 2>/dev/null || exit 1; }
+  ognet_pip -e "$spec" "$torch_pin" || { return 1 2>/dev/null || exit 1; }
+  # From outside the repository, so that the check sees the installed package, not the source folder.
+  found="$(cd / && "$OGNET_PY" -c 'import ognet; print(ognet.__file__)')" \
+    || { echo "[setup] ognet installed but does not import from outside $OGNET_ROOT" >&2; return 1 2>/dev/null || exit 1; }
+  case "$found" in
+    "$OGNET_ROOT"/*) ;;
+    *) echo "[setup] the venv imports ognet from $found, not from $OGNET_ROOT" >&2; return 1 2>/dev/null || exit 1 ;;
+  esac
   echo "$want" > "$stamp"
 fi

@@ -5,6 +5,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/setup_env.sh dev,deepspeed
 export DS_ACCELERATOR="${DS_ACCELERATOR:-$(command -v nvidia-smi >/dev/null && echo cuda || echo cpu)}"
+
+# System packages the tests use, installed before pytest starts: a real SLURM cluster on localhost
+# (slurm-wlm, munge). Without root they cannot be installed: the SLURM tests then skip, saying so
+# (and fail under CI, where nothing may skip).
+if ! PATH="$PATH:/usr/sbin:/sbin" command -v slurmctld >/dev/null || ! PATH="$PATH:/usr/sbin:/sbin" command -v munged >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[tests] installing slurm-wlm and munge (apt-get)"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge) >/dev/null
+  else
+    echo "[tests] slurm-wlm and munge are missing and this is not root: the SLURM tests will not run" >&2
+  fi
+fi
+
 # Style first: lint and format are part of the suite (configured in pyproject.toml).
 "$OGNET_PY" -m ruff check --quiet .
 "$OGNET_PY" -m ruff format --check --quiet .
