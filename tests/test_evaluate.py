@@ -468,3 +468,24 @@ def test_imported_original_checkpoint_gives_the_same_features(evaluated, checkpo
     want_qf, want_gf = features(evaluated(0)[0])
     assert np.array_equal(qf, want_qf) and np.array_equal(gf, want_gf)
     assert metrics_json(run_dir) == metrics_json(evaluated(0)[0])
+
+
+def test_flip_adds_the_mirrored_views_to_the_feature(checkpoint, readers):
+    """eval.flip: f(x) + f(1.1 x) + f(mirror x) + f(mirror 1.1 x), written out here independently."""
+    from ognet.config import load_config
+    from ognet.evaluate import embed, load_model
+
+    query, _ = readers
+    model = load_model(checkpoint).eval()
+    clouds = [transform(s.xyz, s.rgb, TransformConfig(slim=0.5), None) for s in (query[i] for i in range(4))]
+    xyz = torch.from_numpy(np.stack([c[0] for c in clouds]))
+    rgb = torch.from_numpy(np.stack([c[1] for c in clouds]))
+    mirror = torch.tensor([-1.0, 1.0, 1.0])
+    with torch.no_grad():
+        f = sum(model(v, rgb).feature for v in (xyz, 1.1 * xyz, xyz * mirror, 1.1 * xyz * mirror))
+        expected = f / (f.norm(dim=1, keepdim=True) + 1e-6)
+        config = load_config(None, ["eval.flip=true", "eval.batch_size=4"])
+        flipped = embed(model, xyz, rgb, config)
+        plain = embed(model, xyz, rgb, load_config(None, ["eval.batch_size=4"]))
+    torch.testing.assert_close(flipped, expected, rtol=0, atol=1e-6)
+    assert (flipped - plain).abs().max() > 1e-3  # the option changes the feature
