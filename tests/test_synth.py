@@ -151,8 +151,10 @@ def test_cli(tmp_path, capsys):
     )
     assert "train_all 3, query 2, gallery 5 files" in capsys.readouterr().out
     assert len(read_points(next(tmp_path.rglob("*.jpg.obj"))).xyz) == 2048
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         synth.main(["--out", str(tmp_path / "x"), "--cameras", "1"])
+    assert exit_.value.code == 2 and "ognet-synth: error: synth: cameras must be 2..9" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def _descriptor(xyz: np.ndarray, rgb: np.ndarray) -> np.ndarray:

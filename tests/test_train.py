@@ -4,7 +4,9 @@ real checkpoints and TensorBoard event files read back."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -141,10 +143,12 @@ def test_two_rank_ddp_run_learns_and_is_reproducible(tiny_shards, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("stage", "precision"), [(2, "bf16"), (1, "fp32")])
-def test_deepspeed_learns_and_resumes(tiny_shards, tmp_path, stage, precision):
-    """ZeRO-2 in bf16 (DeepSpeed's torch_autocast: float32 module and partitions) and ZeRO-1 in fp32."""
+@pytest.mark.parametrize(("stage", "precision", "interrupt"), [(2, "bf16", "preempt"), (1, "fp32", "epochs")])
+def test_deepspeed_learns_and_resumes(tiny_shards, tmp_path, stage, precision, interrupt):
+    """ZeRO-2 in bf16 (DeepSpeed's torch_autocast: float32 module and partitions), preempted by
+    SIGUSR1 to every rank as SLURM does; ZeRO-1 in fp32, stopped after 3 of 6 epochs."""
     import deepspeed  # noqa: F401  (tests/run.sh installs the deepspeed extra; without it this fails, naming it)
+    from test_faults_processes import Run, rank_pids
 
     run_dir = tmp_path / "ds"
     env = clean_env(DS_ACCELERATOR="cpu")
@@ -159,16 +163,28 @@ def test_deepspeed_learns_and_resumes(tiny_shards, tmp_path, stage, precision):
         "train.epochs=6",
         f"train.deepspeed_config={config}",
     )
-    proc = run([*base, *args, "train.epochs=3"], env=env, timeout=400)  # the later override wins
-    assert f"(deepspeed, {precision})" in proc.stdout
+    if interrupt == "preempt":
+        first = Run([*base, *args], env=env)
+        try:
+            first.wait_for("epoch 2 step 1/6", timeout=300)
+            for pid in rank_pids(first.proc.pid).values():
+                os.kill(pid, signal.SIGUSR1)
+            assert first.finish(timeout=300) != 0
+        finally:
+            if first.proc.poll() is None:
+                first.kill()
+        assert f"(deepspeed, {precision})" in first.output and "preemption signal: checkpoint written" in first.output
+    else:
+        proc = run([*base, *args, "train.epochs=3"], env=env, timeout=400)  # the later override wins
+        assert f"(deepspeed, {precision})" in proc.stdout
     tags = sorted(p.name for p in (run_dir / "checkpoints" / "deepspeed").iterdir() if p.is_dir())
-    assert tags == ["step-00000012.pt", "step-00000018.pt"]  # pruned with our checkpoints (keep 2)
+    assert len(tags) == 2 and tags == [p.name for _, p in checkpoint_steps(run_dir / "checkpoints")]  # pruned alike
     assert len(list((run_dir / "checkpoints" / "deepspeed" / tags[-1]).glob("*optim_states.pt"))) == 2  # one per rank
-    assert all(v.dtype in (torch.float32, torch.int64) for v in weights(run_dir / "model_last.pt").values())
 
-    (run_dir / "model_last.pt").unlink()
-    proc = run([*base, *args], env=env, timeout=400)  # epochs=6: resumes after epoch 2
+    (run_dir / "model_last.pt").unlink(missing_ok=True)
+    proc = run([*base, *args], env=env, timeout=400)  # epochs=6: resumes where it stopped
     assert "resumed from" in proc.stdout and "epoch 5 step 6/6" in proc.stdout
+    assert all(v.dtype in (torch.float32, torch.int64) for v in weights(run_dir / "model_last.pt").values())
     assert_loss_falls(run_dir)
 
 

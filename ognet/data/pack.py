@@ -231,3 +231,7 @@ def verify_main(argv: Sequence[str] | None = None) -> None:
             print(f"{folder}: FAILED {e}", file=sys.stderr)
             failed = True
     sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":  # python -m ognet.data.pack
+    main()

@@ -935,3 +935,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{config.junk} junk) in {args.out}; wrote {counts['written']}, skipped {counts['skipped']}, "
         f"{seconds:.1f} s ({counts['written'] / seconds:.1f} files/s)"
     )
+
+
+if __name__ == "__main__":  # python -m ognet.data.synth
+    main()

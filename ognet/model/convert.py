@@ -232,3 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "values every command of the original's README used for this variant; --set them if it was trained otherwise"
         )
     return 0
+
+
+if __name__ == "__main__":  # python -m ognet.model.convert
+    main()
