@@ -8,13 +8,15 @@ from torch.utils.data import DataLoader
 from ognet import dist
 from ognet.config import Config, DataConfig, train_transforms
 from ognet.data.dataset import TrainSet, train_loader
+from ognet.data.fetch import ReadOptions
 from ognet.data.sampler import StratifiedSampler
 from ognet.data.shards import ShardReader, join_location
 
 
 def open_split(data: DataConfig, split: str) -> ShardReader:
-    """The reader of `<data.root>/<split>` (a folder, URL or pipe prefix)."""
-    return ShardReader(join_location(data.root, split), data.cache_dir)
+    """The reader of `<data.root>/<split>` (a folder, fsspec URL or `pipe:` template), reading
+    remote shards as the data.* keys say (ognet.data.fetch)."""
+    return ShardReader(join_location(data.root, split), options=ReadOptions.from_config(data))
 
 
 class TrainData:
