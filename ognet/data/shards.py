@@ -316,9 +316,9 @@ class ShardReader:
         if zlib.crc32(data) != (int(self.index.locations[i, 2]) if crc is None else crc):
             raise ShardError(f"{where}: checksum mismatch, the shard is corrupt or changed under its index")
         members = dict(read_tar_members(data, where))
-        return decode_sample(members, self.index.key(i), where, self._foreign_meta(i))
+        return decode_sample(members, self.index.key(i), where, self.foreign_meta(i))
 
-    def _foreign_meta(self, i: int) -> dict | None:
+    def foreign_meta(self, i: int) -> dict | None:
         """Metadata of a sample of a foreign shard, from the index (its shard may carry none)."""
         if self.index.keys is None:
             return None
@@ -470,11 +470,12 @@ def stream_split(
                 url, read = sample["__url__"], 0
             key = sample["__key__"]
             where = f"{url}, sample {key}"
-            if key != sample_key(first[url] + read):
-                raise ShardError(f"{where}: expected sample {sample_key(first[url] + read)} here (corrupt tar data)")
+            i = first[url] + read
+            if key != reader.index.key(i):
+                raise ShardError(f"{where}: expected sample {reader.index.key(i)} here (corrupt tar data)")
             read += 1
             members = {f"{key}.{k}": v for k, v in sample.items() if not k.startswith("__")}
-            yield decode_sample(members, key, where)
+            yield decode_sample(members, key, where, reader.foreign_meta(i))
     except tarfile.TarError as e:  # webdataset appends the failing shard's URL to the message
         raise ShardError(f"corrupt tar data after {where} ({e})") from e
     check_complete()
