@@ -4,6 +4,7 @@ shard changed under its index). A real threaded HTTP server on 127.0.0.1 serves 
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -294,3 +295,30 @@ def test_crc_of_the_range_is_what_is_checked(tiny_shards):
     for i in np.flatnonzero(index.shard_ids == 0):
         offset, length, crc = index.locations[i]
         assert zlib.crc32(data[offset : offset + length]) == crc
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end: 2-rank training and evaluation from the HTTP server
+
+
+@pytest.mark.slow
+def test_two_rank_training_and_evaluation_over_http_ranges_equal_local(tiny_shards, tmp_path):
+    """torchrun, 2 ranks, data.root an HTTP URL read by byte ranges through 16 KiB blocks: the
+    weights and metrics equal those of the same run on local files, and no shard is on disk."""
+    from dist_scripts.procs import TORCHRUN, run
+    from test_train import TRAIN, assert_same_weights, train_args
+
+    cache = tmp_path / "cache"
+    base = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", TRAIN]
+    extra = ("train.epochs=1", "data.num_workers=1", "eval.rank_list_queries=0")
+    run([*base, *train_args(tiny_shards, tmp_path / "local", *extra)], timeout=400)
+    with FileServer(tiny_shards) as server:
+        remote = (f"data.cache_dir={cache}", "data.block_bytes=16384")
+        run([*base, *train_args(server.url, tmp_path / "http", *extra, *remote)], timeout=400)
+        ranged = [rng for method, path, rng, _ in server.requests if method == "GET" and path.endswith(".tar")]
+    assert ranged and all(r is not None for r in ranged)  # never a whole-shard GET
+    assert_same_weights(tmp_path / "local" / "model_last.pt", tmp_path / "http" / "model_last.pt")
+    local, http = (json.loads((tmp_path / r / "metrics-eval.json").read_text()) for r in ("local", "http"))
+    assert local == http and local["num_queries"] == 12
+    files = [p for p in cache.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+    assert files and all(p.stat().st_size <= 16384 for p in files) and not [p for p in files if p.suffix == ".tar"]
