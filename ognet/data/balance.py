@@ -110,7 +110,7 @@ class IdentityBuffer:
 
     def draw_pk(self, p: int, k: int) -> tuple[np.ndarray, list[int]] | None:
         """P x K sample indices (identity after identity), or None while fewer than P identities
-        are eligible; also returns the indices that left the buffer with the drawn identities."""
+        are eligible; also returns every index that left the buffer with the drawn identities."""
         if len(self.eligible) < p:
             return None
         chosen = [self.eligible.items[i] for i in self.rng.choice(len(self.eligible), p, replace=False)]
@@ -126,7 +126,7 @@ class IdentityBuffer:
                 else np.concatenate([members, self.rng.choice(members, k - len(members))])
             )
             batch.append(picked)
-            left.extend(set(self._remove(label)) - set(picked.tolist()))
+            left.extend(self._remove(label))
         return np.concatenate(batch), left
 
     def draw_balance(self, b: int) -> np.ndarray | None:

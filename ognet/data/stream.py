@@ -131,53 +131,28 @@ class StreamTrainSet(IterableDataset):
             order = np.random.default_rng([c.seed, self.epoch, c.rank, logical, round_]).permutation(shards)
 
     def _batches(self, samples: Iterator, shards: np.ndarray, steps: list[int], logical: int) -> Iterator[tuple]:
-        """The worker's batches: the buffer is fed at the rate that reads its shards once over the
-        epoch's steps (and faster while it cannot form a batch yet)."""
         c, index = self.config, self.reader.index
         mine = np.isin(index.shard_ids, shards)
-        per_pass = int(mine.sum())
         labels, counts = np.unique(index.labels[mine], return_counts=True)
-        expected = dict(zip(labels.tolist(), counts.tolist()))
         rng = np.random.default_rng([c.seed, self.epoch, c.rank, logical, 0])  # round 0: the draws
         camids = index.camids if c.camera_aware else None
-        buffer = IdentityBuffer(index.labels, c.buffer, min(c.buffer, c.per_identity), rng, expected, camids)
-        buffer.set_k(c.k if c.mode == "pk" else 0)
-        fill = min(c.buffer, per_pass)
-        held: dict[int, bytes] = {}
-        read = bad = 0
-        for j, step in enumerate(steps):
-            target = fill + math.ceil(j * (per_pass - fill) / max(len(steps), 1))
-            while read < target or not self._ready(buffer):
-                i, data = next(samples)
-                read += 1
-                if data is None:
-                    bad += 1
-                    continue
-                if i not in held:
-                    held[i] = data
-                for gone in buffer.feed(i):
-                    held.pop(gone, None)
-            drawn = self._draw(buffer)
-            if step >= self.start_step:
+        buffer = IdentityBuffer(
+            index.labels,
+            c.buffer,
+            min(c.buffer, c.per_identity),
+            rng,
+            dict(zip(labels.tolist(), counts.tolist())),
+            camids,
+        )
+        draws = buffered_draws(samples, buffer, c.mode, c.local_batch_size, c.k, len(steps), int(mine.sum()))
+        for step, (drawn, held, bad) in zip(steps, draws):
+            if step >= self.start_step:  # earlier steps are replayed, not decoded
                 yield self._collate(step, drawn, held, bad)
-                bad = 0
-            for gone in drawn[1]:
-                held.pop(gone, None)
 
-    def _ready(self, buffer: IdentityBuffer) -> bool:
-        c = self.config
-        return buffer.ready_pk(c.local_batch_size // c.k) if c.mode == "pk" else len(buffer) > 0
-
-    def _draw(self, buffer: IdentityBuffer) -> tuple[np.ndarray, list[int]]:
-        c = self.config
-        if c.mode == "pk":
-            return buffer.draw_pk(c.local_batch_size // c.k, c.k)
-        return buffer.draw_balance(c.local_batch_size), []
-
-    def _collate(self, step: int, drawn: tuple[np.ndarray, list[int]], held: dict, bad: int) -> tuple:
+    def _collate(self, step: int, drawn: np.ndarray, held: dict, bad: int) -> tuple:
         c = self.config
         first = step * c.global_batch_size + c.rank * c.local_batch_size
-        indices = drawn[0].tolist()
+        indices = drawn.tolist()
         samples = [self._decode(i, held, indices) for i in indices]
         items = [(*augment(s, c.transforms, c.seed, self.epoch, first + j), s.label) for j, s in enumerate(samples)]
         xyz, rgb, labels = default_collate(items)
@@ -202,6 +177,44 @@ class StreamTrainSet(IterableDataset):
                     log.warning(f"{e}; replaced by sample {j} of the same identity (data.bad_samples=skip)")
                     return self.reader.decode(j, held[j])
             raise
+
+
+def buffered_draws(
+    samples: Iterator[tuple[int, object]],
+    buffer: IdentityBuffer,
+    mode: str,
+    batch_size: int,
+    k: int,
+    n_batches: int,
+    per_pass: int,
+) -> Iterator[tuple[np.ndarray, dict, int]]:
+    """Per batch: the drawn sample indices, the payloads held (index -> what the stream gave with
+    it), and how many unreadable samples (payload None) the stream gave since the last batch.
+
+    The buffer is first filled, then fed at the rate that reads `per_pass` samples (one pass
+    over the worker's shards) over the `n_batches` batches, and faster while it cannot form a
+    batch. Pure bookkeeping: the benchmark runs it on sample indices alone."""
+    buffer.set_k(k if mode == "pk" else 0)
+    p = batch_size // k
+    fill = min(buffer.capacity, per_pass)
+    held: dict[int, object] = {}
+    read = bad = 0
+    for j in range(n_batches):
+        target = fill + math.ceil(j * (per_pass - fill) / n_batches)
+        while read < target or not (buffer.ready_pk(p) if mode == "pk" else len(buffer)):
+            i, payload = next(samples)
+            read += 1
+            if payload is None:
+                bad += 1
+                continue
+            held.setdefault(i, payload)
+            for gone in buffer.feed(i):
+                held.pop(gone, None)
+        drawn, gone = buffer.draw_pk(p, k) if mode == "pk" else (buffer.draw_balance(batch_size), [])
+        yield drawn, held, bad
+        bad = 0
+        for i in gone:
+            held.pop(i, None)
 
 
 class StreamConfig:
