@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -116,19 +116,10 @@ class StreamTrainSet(IterableDataset):
             )
         steps = list(range(logical, c.steps_per_epoch, workers))
         pipeline = wds.DataPipeline(
-            lambda: self._endless(shards, logical),
+            lambda: worker_stream(shards, self._read_shard, c.seed, self.epoch, c.rank, logical),
             lambda samples: self._batches(samples, shards, steps, logical),
         )
         yield from pipeline
-
-    def _endless(self, shards: np.ndarray, logical: int) -> Iterator[tuple[int, bytes | None]]:
-        """The worker's shards again and again, each round in a new order drawn from (seed, epoch, rank, worker, round)."""
-        c, order, round_ = self.config, shards, 0
-        while True:
-            for shard in order.tolist():
-                yield from shard_samples(self.reader, shard, c.bad_samples == "skip")
-            round_ += 1
-            order = np.random.default_rng([c.seed, self.epoch, c.rank, logical, round_]).permutation(shards)
 
     def _batches(self, samples: Iterator, shards: np.ndarray, steps: list[int], logical: int) -> Iterator[tuple]:
         c, index = self.config, self.reader.index
@@ -148,6 +139,9 @@ class StreamTrainSet(IterableDataset):
         for step, (drawn, held, bad) in zip(steps, draws):
             if step >= self.start_step:  # earlier steps are replayed, not decoded
                 yield self._collate(step, drawn, held, bad)
+
+    def _read_shard(self, shard: int) -> Iterator[tuple[int, bytes | None]]:
+        return shard_samples(self.reader, shard, self.config.bad_samples == "skip")
 
     def _collate(self, step: int, drawn: np.ndarray, held: dict, bad: int) -> tuple:
         c = self.config
@@ -177,6 +171,24 @@ class StreamTrainSet(IterableDataset):
                     log.warning(f"{e}; replaced by sample {j} of the same identity (data.bad_samples=skip)")
                     return self.reader.decode(j, held[j])
             raise
+
+
+def worker_stream(
+    shards: np.ndarray,
+    read_shard: Callable[[int], Iterator[tuple[int, object]]],
+    seed: int,
+    epoch: int,
+    rank: int,
+    worker: int,
+) -> Iterator[tuple[int, object]]:
+    """A worker's shards again and again (its stream never ends, so every worker yields its share
+    of steps), each round after the first in a new order drawn from (seed, epoch, rank, worker, round)."""
+    order, round_ = shards, 0
+    while True:
+        for shard in order.tolist():
+            yield from read_shard(shard)
+        round_ += 1
+        order = np.random.default_rng([seed, epoch, rank, worker, round_]).permutation(shards)
 
 
 def buffered_draws(
