@@ -5,7 +5,7 @@ sampler's batches come to the exact sampler's.
                                 [--out benchmarks/results/stream.md]
 
 Part 1, throughput (one process = one DataLoader worker; samples decoded, no transform): the same
-packed split (8192-point synthetic persons, 50 samples per shard) read
+packed split (8192-point synthetic persons, 100 samples per shard) read
 - local indexed: `ShardReader[i]` in a random order (the default path);
 - local stream: every shard front to back (`shard_samples` + decode);
 - HTTP stream: the same from a threaded HTTP server on 127.0.0.1 in another process;
@@ -41,11 +41,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' HTTP file server
 
 from common import cpu_model  # noqa: E402
+from data_throughput import make_data  # noqa: E402
 
-from ognet.data import synth  # noqa: E402
 from ognet.data.balance import IdentityBuffer  # noqa: E402
 from ognet.data.fetch import ReadOptions  # noqa: E402
-from ognet.data.pack import PackOptions, pack_dataset  # noqa: E402
 from ognet.data.sampler import StratifiedSampler  # noqa: E402
 from ognet.data.shards import ShardReader  # noqa: E402
 from ognet.data.stream import buffered_draws, epoch_shards, shard_samples, worker_stream  # noqa: E402
@@ -68,19 +67,8 @@ def serve(folder: str, conn) -> None:
 
 
 def make_split(folder: Path, samples: int) -> Path:
-    preset = synth.SynthConfig(
-        train_ids=max(1, samples // 10),
-        train_images=samples,
-        test_ids=1,
-        query_images=1,
-        gallery_images=2,
-        distractors=0,
-        junk=0,
-        points=8192,
-    )
-    synth.generate_dataset(folder / "src", preset, workers=os.cpu_count() or 1, progress=False)
-    pack_dataset(folder / "src", folder / "shards", ["train_all"], PackOptions(max_count=50, progress=False))
-    return folder / "shards"
+    """The data_throughput benchmark's data: `samples` synthetic persons of 8192 points, packed 100 per shard."""
+    return make_data(folder, samples, os.cpu_count() or 1)[1]
 
 
 def passes(shards: Path, url: str, samples: int, cache: Path) -> dict:
@@ -145,7 +133,7 @@ def throughput(samples: int, repeats: int) -> tuple[list[str], dict]:
         server.join(10)
     base = statistics.median(rates["local indexed (baseline)"])
     lines = [
-        f"- {n} samples of 8192 points in shards of 50 (float32, {SAMPLE_BYTES / 1000:.0f} kB/sample); data made in {made:.0f} s",
+        f"- {n} samples of 8192 points in shards of 100 (float32, {SAMPLE_BYTES / 1000:.0f} kB/sample); data made in {made:.0f} s",
         "",
         "| path | samples/s (wall) | passes | vs local indexed | bytes over HTTP per sample |",
         "|---|---:|---|---:|---:|",
