@@ -68,7 +68,7 @@ def serve(folder: str, conn) -> None:
 
 def make_split(folder: Path, samples: int) -> Path:
     """The data_throughput benchmark's data: `samples` synthetic persons of 8192 points, packed 100 per shard."""
-    return make_data(folder, samples, os.cpu_count() or 1)[1]
+    return make_data(folder, samples, os.cpu_count() or 1)[1].parent
 
 
 def passes(shards: Path, url: str, samples: int, cache: Path) -> dict:
