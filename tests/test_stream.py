@@ -138,6 +138,8 @@ def test_stream_from_http_equals_local_and_leaves_nothing_on_disk(tiny_shards, t
 
 
 def test_stream_mode_refuses_what_it_cannot_do(tiny_shards):
+    with pytest.raises(ConfigError, match="data.access = 'streaming' is not one of indexed, stream"):
+        stream_config(tiny_shards, "data.access=streaming")
     with pytest.raises(ConfigError, match="sampler.mode='class_sampler' is not available with data.access=stream"):
         train_data(stream_config(tiny_shards, "sampler.mode=class_sampler"), rank_info(0, 1))
     config = stream_config(tiny_shards, "data.num_workers=0", "sampler.mode=balance", "train.global_batch_size=12")

@@ -212,7 +212,9 @@ def buffered_draws(
     held: dict[int, object] = {}
     read = bad = 0
     for j in range(n_batches):
-        target = fill + math.ceil(j * (per_pass - fill) / n_batches)
+        target = fill + min(
+            per_pass - fill, math.ceil(j * per_pass / n_batches)
+        )  # the pass ends fill/rate batches early: the last identities read stay as long as the first
         while read < target or not (buffer.ready_pk(p) if mode == "pk" else len(buffer)):
             i, payload = next(samples)
             read += 1
