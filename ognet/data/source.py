@@ -58,6 +58,11 @@ class IndexedTrainData:
     def num_classes(self) -> int:
         return self.index.num_classes
 
+    @property
+    def local_batch_size(self) -> int:
+        """Samples per rank and step (DeepSpeed's micro-batch)."""
+        return self.sampler.local_batch_size
+
     def loader(self, epoch: int, start_step: int = 0) -> Iterable:
         return train_loader(self.dataset, self.sampler, epoch, start_step, self.num_workers, self.pin_memory)
 
