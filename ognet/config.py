@@ -43,7 +43,7 @@ CircleFeature = Literal["dropout", "bn"]
 
 @dataclass
 class DataConfig:
-    root: str = "data/shards"  # folder, fsspec URL (s3://, gs://, https://) or pipe: template holding <split>/index.json
+    root: str = "data/shards"  # folder, fsspec URL (s3://, https://, ...) or pipe: template with the splits
     train_split: str = "train_all"  # split trained on (the original trains on train_all)
     query_split: str = "query"  # split of the evaluation's queries
     gallery_split: str = "gallery"  # split of the evaluation's gallery

@@ -4,9 +4,11 @@ rank, stream evaluation, and bad samples."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -17,11 +19,12 @@ from test_shards import flip_byte
 
 from ognet.config import load_config
 from ognet.data.balance import IdentityBuffer
+from ognet.data.loading import open_split, train_data
 from ognet.data.shards import load_index, shard_name
-from ognet.data.source import eval_batches, train_data
 from ognet.data.stream import epoch_shards
 from ognet.dist import DistInfo
 from ognet.errors import ConfigError, ShardError
+from ognet.evaluate import _eval_loader
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,6 +48,11 @@ def stream_config(root, *overrides: str):
             *overrides,
         ],
     )
+
+
+def eval_loader(config, info: DistInfo, split: str = "gallery"):
+    """Evaluation batches of this rank as ognet-eval reads them (either access mode)."""
+    return _eval_loader(open_split(config.data, split), config, info)
 
 
 def batches(config, rank: int = 0, world: int = 1, epoch: int = 0, start: int = 0) -> list[tuple[torch.Tensor, ...]]:
@@ -154,13 +162,11 @@ def test_stream_mode_refuses_what_it_cannot_do(tiny_shards):
 
 def test_stream_evaluation_covers_each_sample_once_as_indexed(tiny_shards):
     indexed = {}
-    for xyz, _, index, _ in eval_batches(stream_config(tiny_shards, "data.access=indexed"), rank_info(0, 1), "gallery")[
-        1
-    ]:
+    for xyz, _, index, _ in eval_loader(stream_config(tiny_shards, "data.access=indexed"), rank_info(0, 1)):
         indexed.update(zip(index.tolist(), xyz))
     seen = []
     for rank in range(2):
-        for xyz, _, index, bad in eval_batches(stream_config(tiny_shards), rank_info(rank, 2), "gallery")[1]:
+        for xyz, _, index, bad in eval_loader(stream_config(tiny_shards), rank_info(rank, 2)):
             assert not len(bad)
             seen += index.tolist()
             for i, x in zip(index.tolist(), xyz):
@@ -177,13 +183,13 @@ def test_bad_samples_in_a_stream_are_named_or_counted(tiny_shards, tmp_path, cap
     with pytest.raises(
         ShardError, match=f"^{re.escape(str(root / 'gallery' / shard_name(1)))}, sample 13: checksum mismatch"
     ):
-        list(eval_batches(stream_config(root, "data.num_workers=0"), rank_info(1, 2), "gallery")[1])
+        list(eval_loader(stream_config(root, "data.num_workers=0"), rank_info(1, 2)))
     left_out = []
     with caplog.at_level(logging.WARNING, logger="ognet.data.stream"):
         for rank in range(2):
-            for _, _, _, bad in eval_batches(
-                stream_config(root, "data.bad_samples=skip", "data.num_workers=0"), rank_info(rank, 2), "gallery"
-            )[1]:
+            for _, _, _, bad in eval_loader(
+                stream_config(root, "data.bad_samples=skip", "data.num_workers=0"), rank_info(rank, 2)
+            ):
                 left_out += bad.tolist()
     assert sorted(left_out) == [13, *range(30, 40)]
     assert f"{root / 'gallery' / shard_name(3)}, sample 30: shard is truncated" in caplog.text
@@ -195,3 +201,42 @@ def test_bad_samples_in_a_stream_are_named_or_counted(tiny_shards, tmp_path, cap
         batches(stream_config(root, "sampler.mode=balance", "data.num_workers=0"))
     skipped = batches(stream_config(root, "sampler.mode=balance", "data.num_workers=0", "data.bad_samples=skip"))
     assert sum(int(b[3].sum()) for b in skipped) == 1 and len(skipped) == 6
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end: 2-rank training and evaluation streamed from the HTTP server
+
+
+@pytest.mark.slow
+def test_two_rank_stream_training_and_evaluation_over_http_equal_local(tiny_shards, tmp_path):
+    """torchrun, 2 ranks x 2 workers, data.access=stream from an HTTP URL and from the same files on
+    disk: the same batches, so the same weights and metrics; the evaluation's metrics also equal
+    those of indexed evaluation of the same weights; nothing is written to the cache."""
+    from dist_scripts.procs import REPO, TORCHRUN, run
+    from test_train import TRAIN, assert_same_weights, train_args
+
+    cache = tmp_path / "cache"
+    base = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", TRAIN]
+    extra = ("train.epochs=1", "data.access=stream", "data.num_workers=2", "sampler.mode=pk", "sampler.k=2")
+    extra += ("data.stream_buffer=20", "eval.rank_list_queries=0", f"data.cache_dir={cache}")
+    run([*base, *train_args(tiny_shards, tmp_path / "local", *extra)], timeout=400)
+    with FileServer(tiny_shards) as server:
+        run([*base, *train_args(server.url, tmp_path / "http", *extra)], timeout=400)
+        gets = [(path, rng) for method, path, rng, _ in server.requests if method == "GET" and path.endswith(".tar")]
+    assert gets and all(rng is not None and rng.startswith("bytes=0-") for _, rng in gets)  # streamed, front to back
+    assert not cache.exists() or not [p for p in cache.rglob("*") if p.is_file()]
+    assert_same_weights(tmp_path / "local" / "model_last.pt", tmp_path / "http" / "model_last.pt")
+    local, http = (json.loads((tmp_path / r / "metrics-eval.json").read_text()) for r in ("local", "http"))
+    assert {k: v for k, v in local.items() if k != "step"} == {k: v for k, v in http.items() if k != "step"}
+    assert local["num_queries"] == 12
+
+    indexed = tmp_path / "indexed-eval"  # the same weights evaluated by offset, one process
+    evaluate = [
+        sys.executable,
+        str(REPO / "launch" / "evaluate.py"),
+        "--checkpoint",
+        str(tmp_path / "http" / "model_last.pt"),
+    ]
+    run([*evaluate, *train_args(tiny_shards, indexed, "eval.rank_list_queries=0")], timeout=300)
+    again = json.loads((indexed / "metrics-eval.json").read_text())
+    assert {k: again[k] for k in ("rank1", "mAP", "mINP")} == {k: local[k] for k in ("rank1", "mAP", "mINP")}

@@ -16,9 +16,8 @@ from __future__ import annotations
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Literal
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 from ognet.data.cache import BlockCache, ShardCache, default_cache_dir
 from ognet.data.locations import file_location, is_pipe, is_remote
