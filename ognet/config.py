@@ -26,6 +26,7 @@ from typing import Any, Literal
 import yaml
 
 from ognet.data.dataset import BadSamples
+from ognet.data.fetch import Access, RemoteCache
 from ognet.data.sampler import SamplerMode, StratifiedSampler
 from ognet.data.transforms import TransformConfig
 from ognet.errors import ConfigError
@@ -42,11 +43,20 @@ CircleFeature = Literal["dropout", "bn"]
 
 @dataclass
 class DataConfig:
-    root: str = "data/shards"  # folder or URL prefix holding <split>/index.json
+    root: str = "data/shards"  # folder, fsspec URL (s3://, https://, ...) or pipe: template with the splits
     train_split: str = "train_all"  # split trained on (the original trains on train_all)
     query_split: str = "query"  # split of the evaluation's queries
     gallery_split: str = "gallery"  # split of the evaluation's gallery
-    cache_dir: str | None = None  # local cache for remote shards (default ~/.cache/ognet/shards)
+    access: Access = "indexed"  # indexed: the exact sampler, samples read by offset | stream: shards streamed
+    cache_dir: str | None = None  # node-local cache of remote shards (default $TMPDIR/ognet-<uid>/shards)
+    remote_cache: RemoteCache = "range"  # range: byte ranges via a block cache | shard: whole shards (pipe: always)
+    cache_bytes: int = 4 * 2**30  # bound on the block cache's size (0: no cache, exact byte ranges)
+    block_bytes: int = 2**20  # block size of the block cache
+    remote_timeout_s: float = 60.0  # limit of one request (or one read of a pipe: command), then retried
+    remote_retries: int = 3  # retries of a remote read that failed for a reason that may pass
+    remote_backoff_s: float = 1.0  # first wait before a retry, doubled each time
+    storage_options: dict = field(default_factory=dict)  # fsspec options (credentials, endpoint_url, ...)
+    stream_buffer: int = 1000  # stream mode: samples each DataLoader worker holds to draw balanced batches
     num_workers: int = 2  # DataLoader workers per rank
     slim: float = 0.5  # share of the points kept per cloud (the original's --slim)
     flip: bool = True  # training: mirror x with probability 0.5
@@ -148,9 +158,15 @@ _POSITIVE = (
     "optim.lr",
     "train.collective_timeout_s",
     "train.log_every_steps",
+    "data.block_bytes",
+    "data.remote_timeout_s",
+    "data.stream_buffer",
 )
 _NON_NEGATIVE = (
     "data.num_workers",
+    "data.cache_bytes",
+    "data.remote_retries",
+    "data.remote_backoff_s",
     "train.seed",
     "train.max_steps_per_epoch",
     "train.checkpoint_every_steps",

@@ -32,7 +32,7 @@ from ognet.checkpoint import load_checkpoint, load_model_state
 from ognet.cli import run_command
 from ognet.config import Config, eval_transforms
 from ognet.data.dataset import EvalSet, collate_eval, ignore_preemption_signal
-from ognet.data.loading import open_split
+from ognet.data.loading import open_split, stream_eval_loader
 from ognet.data.shards import ShardReader
 from ognet.errors import ShardError
 from ognet.io import atomic_write
@@ -66,7 +66,10 @@ def embed(model: nn.Module, xyz: torch.Tensor, rgb: torch.Tensor, config: Config
 
 
 def _eval_loader(reader: ShardReader, config: Config, info: dist.DistInfo) -> DataLoader:
-    """This rank's contiguous slice of a split, test-transformed, with sample indices."""
+    """This rank's contiguous slice of a split (data.access=stream: its shards), test-transformed,
+    with sample indices."""
+    if config.data.access == "stream":
+        return stream_eval_loader(reader, config, info)
     dataset = EvalSet(reader, eval_transforms(config.data), config.data.bad_samples)
     return DataLoader(
         Subset(dataset, rank_slice(len(reader), info).tolist()),

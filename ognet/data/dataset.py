@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from ognet.data.sampler import StratifiedSampler
-from ognet.data.shards import ShardReader
+from ognet.data.shards import Sample, ShardReader
 from ognet.data.transforms import TransformConfig, transform
 from ognet.errors import DataError, ShardError
 
@@ -65,9 +65,7 @@ class TrainSet(Dataset):
 
     def _load(self, epoch: int, position: int, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         sample = self.reader[index]
-        rng = np.random.default_rng([self.seed, epoch, position, index])
-        xyz, rgb = transform(sample.xyz, sample.rgb, self.config, rng)
-        return torch.from_numpy(xyz), torch.from_numpy(rgb), sample.label
+        return *augment(sample, self.config, self.seed, epoch, position), sample.label
 
     def _replacement(
         self, epoch: int, position: int, index: int, error: Exception
@@ -89,6 +87,16 @@ class TrainSet(Dataset):
             f"{error}; no other sample of its identity (pid {self.reader.index.pids[index]}, "
             f"{len(others) + 1} samples) is readable either, so data.bad_samples=skip cannot replace it"
         )
+
+
+def augment(
+    sample: Sample, config: TransformConfig, seed: int, epoch: int, position: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training transform of a sample drawn at `position` of the epoch's global stream, seeded by
+    (seed, epoch, position, sample index): the same wherever and however often it is computed."""
+    rng = np.random.default_rng([seed, epoch, position, sample.index])
+    xyz, rgb = transform(sample.xyz, sample.rgb, config, rng)
+    return torch.from_numpy(xyz), torch.from_numpy(rgb)
 
 
 class EvalSet(Dataset):

@@ -14,24 +14,24 @@ source path, and where its members lie in the shard (byte offset, length, crc32)
 needs; `stream_split` reads the same shards sequentially with webdataset, for evaluation-style
 passes. Both return identical `Sample`s.
 
-A location is a folder, an `http(s)://` URL prefix or a `pipe:` command prefix: the shard name is
-appended to it (`pipe:cat /data/train_all/` + `shard-000000.tar`). Remote shards are copied whole
-into a local cache (`<cache>/<sha256 prefix>/<shard name>`), checked against their sha256, then read
-like local ones.
+Where shards live (a folder, an fsspec URL, a `pipe:` command) and how their bytes are fetched
+(offsets, byte ranges through a block cache, or whole shards cached once per node) is
+`ognet.data.locations` and `ognet.data.fetch`; names read from an index are checked there before
+they reach a path, a URL or a command.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import io
 import json
 import math
 import os
-import subprocess
+import re
 import tarfile
 import tokenize
-import urllib.request
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -40,6 +40,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ognet.data.fetch import ReadOptions, ShardFetcher, read_index_bytes
+from ognet.data.locations import check_name, file_location, join_location
+from ognet.data.tar import MAX_MEMBER_BYTES, TAR_BLOCK, read_tar_members, safe_member_name
 from ognet.errors import ShardError
 from ognet.io import atomic_write
 
@@ -47,9 +50,8 @@ INDEX_NAME = "index.json"
 INDEX_FORMAT = "ognet-shards"
 INDEX_VERSION = 1
 MEMBER_FIELDS = ("xyz.npy", "rgb.npy", "json")
-MAX_MEMBER_BYTES = 256 * 2**20
-TAR_BLOCK = 512
-_ZERO_BLOCK = bytes(TAR_BLOCK)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+__all__ = ["MAX_MEMBER_BYTES", "TAR_BLOCK", "join_location", "read_tar_members"]  # re-exported
 
 
 class Sample(NamedTuple):
@@ -145,6 +147,7 @@ class ShardIndex:
     locations: np.ndarray  # (num_samples, 3): byte offset in the shard, length, crc32
     label_map: dict[int, int]
     colors: str = "float32"
+    keys: list[str] | None = None  # sample keys in the shards; None: ognet's own, sample_key(i)
 
     def __len__(self) -> int:
         return len(self.pids)
@@ -173,8 +176,18 @@ class ShardIndex:
                 "path": self.paths,
                 "shard": self.shard_ids.tolist(),
                 "location": self.locations.tolist(),
+                **({"key": self.keys} if self.keys is not None else {}),
             },
         }
+
+    def key(self, i: int) -> str:
+        """The key of sample i's members in its shard."""
+        return sample_key(i) if self.keys is None else self.keys[i]
+
+    def first_sample(self) -> np.ndarray:
+        """Per shard, the index of its first sample (samples are stored in index order)."""
+        counts = np.array([s["num_samples"] for s in self.shards], dtype=np.int64)
+        return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
 
     def save(self, folder: str | os.PathLike) -> Path:
         path = Path(folder) / INDEX_NAME
@@ -203,6 +216,7 @@ class ShardIndex:
                 shard_ids=np.asarray(s["shard"], dtype=np.int64),
                 locations=np.asarray(s["location"], dtype=np.int64).reshape(-1, 3),
                 label_map={int(k): int(v) for k, v in dict(data["label_map"]).items()},
+                keys=list(s["key"]) if "key" in s else None,
             )
         except (KeyError, TypeError, ValueError, OverflowError) as e:  # OverflowError: a number beyond int64
             raise ShardError(f"{source}: malformed index ({type(e).__name__}: {e})") from e
@@ -219,11 +233,16 @@ class ShardIndex:
                 f"{source}: per-sample arrays disagree in length ({sorted(lengths | {n})}, num_samples {num_samples})"
             )
         for shard in self.shards:
-            name, size = shard.get("name"), shard.get("bytes")
-            if not isinstance(name, str) or not _is_plain_name(name):
-                raise ShardError(f"{source}: shard name {name!r} is not a plain file name")
+            name, size, sha = shard.get("name"), shard.get("bytes"), shard.get("sha256")
+            check_name(name, source, "shard name")  # it becomes part of a path, a URL or a command
             if not isinstance(size, int) or not 0 <= size < 2**63:
                 raise ShardError(f"{source}: shard {name} has byte size {size!r}, expected a whole number")
+            if not isinstance(sha, str) or not _SHA256.fullmatch(sha):  # it names a cache folder
+                raise ShardError(f"{source}: shard {name} has sha256 {str(sha)[:80]!r}, expected 64 hex digits")
+        if self.keys is not None and (
+            len(self.keys) != n or not all(isinstance(k, str) and safe_member_name(k) == k for k in self.keys)
+        ):
+            raise ShardError(f"{source}: sample keys must be {n} relative member names")
         # before bincount: a huge shard number would make it allocate that many counters
         if n and (self.shard_ids.min() < 0 or self.shard_ids.max() >= len(self.shards)):
             raise ShardError(f"{source}: a sample refers to a shard that is not listed")
@@ -238,48 +257,15 @@ class ShardIndex:
             raise ShardError(f"{source}: a sample location lies outside its shard")
 
 
-def _is_plain_name(name: str) -> bool:
-    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..") and not name.startswith(".")
-
-
-def load_index(location: str | os.PathLike) -> ShardIndex:
-    """Read `index.json` from a folder, an http(s) URL prefix or a `pipe:` prefix."""
-    source = join_location(location, INDEX_NAME)
-    try:
-        raw = _read_url(source) if is_remote(location) else Path(source).read_bytes()
-    except (OSError, subprocess.SubprocessError) as e:
-        raise ShardError(f"{source}: cannot read shard index ({e})") from e
+def load_index(location: str | os.PathLike, options: ReadOptions | None = None) -> ShardIndex:
+    """Read `index.json` from a folder, an fsspec URL prefix or a `pipe:` command template."""
+    source = file_location(location, INDEX_NAME)
+    raw = read_index_bytes(str(location), INDEX_NAME, (options or ReadOptions()).remote)
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardError(f"{source}: shard index is not valid JSON ({e})") from e
     return ShardIndex.from_json(data, source)
-
-
-# ------------------------------------------------------------------------------------------------
-# Locations: local folders, http(s) URLs, pipe: commands
-
-
-def is_remote(location: str | os.PathLike) -> bool:
-    return str(location).startswith(("http://", "https://", "pipe:"))
-
-
-def join_location(location: str | os.PathLike, name: str) -> str:
-    location = str(location)
-    if is_remote(location):
-        return location + name if location.endswith(("/", " ")) else f"{location}/{name}"
-    return str(Path(location) / name)
-
-
-def _read_url(url: str) -> bytes:
-    if url.startswith("pipe:"):
-        return subprocess.run(url[5:], shell=True, check=True, capture_output=True, timeout=3600).stdout
-    with urllib.request.urlopen(url, timeout=60) as response:
-        return response.read()
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("OGNET_CACHE", Path.home() / ".cache" / "ognet" / "shards"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -289,16 +275,23 @@ def default_cache_dir() -> Path:
 class ShardReader:
     """Random access to the samples of one packed split, by sample index.
 
-    Open files are kept per process (DataLoader workers each open their own on first use).
-    Remote shards are fetched whole into `cache_dir` the first time a sample of them is read.
+    Each sample is one read of its byte range (a seek in a local file, a range request through
+    the block cache, or a seek in a whole cached copy: see `ognet.data.fetch`), checked against
+    its crc32 in the index, then parsed and decoded.
     """
 
-    def __init__(self, location: str | os.PathLike, cache_dir: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        location: str | os.PathLike,
+        cache_dir: str | os.PathLike | None = None,
+        options: ReadOptions | None = None,
+    ):
+        options = options or ReadOptions()
+        if cache_dir is not None:
+            options = dataclasses.replace(options, cache_dir=str(cache_dir))
         self.location = str(location)
-        self.index = load_index(location)
-        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-        self._files: dict[int, io.BufferedReader] = {}
-        self._pid = os.getpid()
+        self.index = load_index(location, options)
+        self.fetcher = ShardFetcher(self.location, self.index.shards, options)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -310,106 +303,65 @@ class ShardReader:
         i = int(i) % n
         shard = int(self.index.shard_ids[i])
         offset, length, crc = (int(v) for v in self.index.locations[i])
-        where = f"{join_location(self.location, self.index.shards[shard]['name'])}, sample {i}"
+        where = f"{self.fetcher.url(shard)}, sample {i}"
         try:
-            f = self._open(shard)
+            data = self.fetcher.read(shard, offset, offset + length, where)
         except ShardError as e:  # a shard that cannot be opened or fetched: name the sample too
-            raise ShardError(f"sample {i}: {e}") from e
-        size = os.fstat(f.fileno()).st_size  # checked first: read() allocates the length it is asked for
-        if offset + length > size:
-            raise ShardError(
-                f"{where}: shard is truncated ({max(size - offset, 0)} of {length} bytes at offset {offset})"
-            )
-        f.seek(offset)
-        data = f.read(length)
-        if zlib.crc32(data) != crc:
-            raise ShardError(f"{where}: checksum mismatch, the shard is corrupt")
+            raise e if str(e).startswith(where) else ShardError(f"sample {i}: {e}") from e
+        return self.decode(i, data, crc)
+
+    def decode(self, i: int, data: bytes, crc: int | None = None) -> Sample:
+        """Sample i from the bytes of its range, checked against the index's crc32."""
+        where = f"{self.fetcher.url(int(self.index.shard_ids[i]))}, sample {i}"
+        if zlib.crc32(data) != (int(self.index.locations[i, 2]) if crc is None else crc):
+            raise ShardError(f"{where}: checksum mismatch, the shard is corrupt or changed under its index")
         members = dict(read_tar_members(data, where))
-        return decode_sample(members, sample_key(i), where)
+        return decode_sample(members, self.index.key(i), where, self.foreign_meta(i))
+
+    def foreign_meta(self, i: int) -> dict | None:
+        """Metadata of a sample of a foreign shard, from the index (its shard may carry none)."""
+        if self.index.keys is None:
+            return None
+        x = self.index
+        return {
+            "index": i,
+            "pid": int(x.pids[i]),
+            "camid": int(x.camids[i]),
+            "label": int(x.labels[i]),
+            "path": x.paths[i],
+        }
 
     def shard_path(self, shard: int) -> Path:
-        """A local path to a shard, fetching and checking it first if it is remote."""
-        entry = self.index.shards[shard]
-        if not is_remote(self.location):
-            return Path(self.location) / entry["name"]
-        # keyed by content, not by URL: any spelling of the location shares it, a re-packed one never reads stale shards
-        cached = self.cache_dir / entry["sha256"][:32] / entry["name"]
-        if not cached.exists():
-            url = join_location(self.location, entry["name"])
-            try:
-                data = _read_url(url)
-            except (OSError, subprocess.SubprocessError) as e:
-                raise ShardError(f"{url}: cannot fetch shard ({e})") from e
-            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-                raise ShardError(f"{url}: fetched shard does not match its sha256 in the index")
-            with atomic_write(cached) as f:
-                f.write(data)
-        return cached
-
-    def _open(self, shard: int) -> io.BufferedReader:
-        if self._pid != os.getpid():  # forked into a DataLoader worker: do not share file offsets
-            self._files, self._pid = {}, os.getpid()
-        f = self._files.get(shard)
-        if f is None:
-            path = self.shard_path(shard)
-            try:
-                f = self._files[shard] = open(path, "rb")  # noqa: SIM115 (kept open for the reader's lifetime)
-            except OSError as e:
-                raise ShardError(f"{path}: cannot open shard ({e.strerror or e})") from e
-        return f
+        """A local path to a shard, fetching it whole (and checking it) first if it is remote."""
+        return self.fetcher.local_path(shard)
 
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files = {}
-
-    def __getstate__(self) -> dict:  # open files do not travel to worker processes
-        return {**self.__dict__, "_files": {}}
+        self.fetcher.close()
 
 
-def read_tar_members(data: bytes, where: str) -> Iterator[tuple[str, bytes]]:
-    """The regular-file members of an in-memory tar, refusing anything a shard must not hold.
-
-    A small ustar parser for what `write_shard` writes: per sample, `tarfile` costs more than
-    decoding the arrays. Only regular files with plain names pass; links, directories, pax/GNU
-    extension headers, bad header checksums and truncated members are errors.
-    """
-    pos = 0
-    while pos + TAR_BLOCK <= len(data):
-        header = data[pos : pos + TAR_BLOCK]
-        if header == _ZERO_BLOCK:  # the end-of-archive marker
-            return
-        try:
-            name = header[:100].split(b"\0", 1)[0].decode()
-            size = int(header[124:136].strip(b"\0 ") or b"0", 8)
-            checksum = int(header[148:156].strip(b"\0 ") or b"0", 8)
-        except (ValueError, UnicodeDecodeError):
-            raise ShardError(f"{where}: corrupt tar data (unreadable member header at byte {pos})") from None
-        if checksum != sum(header) - sum(header[148:156]) + 8 * ord(" "):  # the field itself counts as spaces
-            raise ShardError(f"{where}: corrupt tar data (bad header checksum at byte {pos})")
-        if header[156:157] not in (tarfile.REGTYPE, tarfile.AREGTYPE):
-            raise ShardError(f"{where}: member {name!r} is not a regular file")
-        if header[345:346] != b"\0" or not _is_plain_name(name):  # a ustar name prefix makes it a path
-            raise ShardError(f"{where}: member name {name!r} is not a plain file name")
-        if not 0 <= size <= MAX_MEMBER_BYTES:  # int() reads a negative size too
-            raise ShardError(f"{where}: member {name!r} declares {size} bytes, outside 0..{MAX_MEMBER_BYTES}")
-        start = pos + TAR_BLOCK
-        if start + size > len(data):
-            raise ShardError(f"{where}: member {name!r} is truncated")
-        yield name, data[start : start + size]
-        pos = start + -(-size // TAR_BLOCK) * TAR_BLOCK
-    if pos < len(data):
-        raise ShardError(f"{where}: corrupt tar data ({len(data) - pos} stray bytes at the end)")
+def split_key(name: str) -> tuple[str, str]:
+    """A member name as webdataset splits it: key (folders + name up to the first dot) and field."""
+    folder, _, base = name.rpartition("/")
+    stem, _, field = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), field
 
 
-def decode_sample(members: dict[str, bytes], key: str, where: str) -> Sample:
-    """Build a `Sample` from its members (names `<key>.<field>`)."""
-    fields = {name.split(".", 1)[1] if "." in name else name: data for name, data in members.items()}
-    missing = [f for f in MEMBER_FIELDS if f not in fields]
-    if missing or any(name.split(".", 1)[0] != key for name in members):
-        raise ShardError(f"{where}: expected members {[f'{key}.{f}' for f in MEMBER_FIELDS]}, found {sorted(members)}")
+def decode_sample(members: dict[str, bytes], key: str, where: str, meta: dict | None = None) -> Sample:
+    """Build a `Sample` from its members (names `<key>.<field>`); `meta` (pid, camid, label, path,
+    index) replaces the `.json` member's, which foreign shards may lack."""
+    fields = {}
+    for name, data in members.items():
+        member_key, field = split_key(name)
+        if member_key != key:
+            fields = None
+            break
+        fields[field] = data
+    required = MEMBER_FIELDS if meta is None else MEMBER_FIELDS[:2]
+    if fields is None or any(f not in fields for f in required):
+        raise ShardError(f"{where}: expected members {[f'{key}.{f}' for f in required]}, found {sorted(members)}")
     try:
-        meta = json.loads(fields["json"])
+        if meta is None:
+            meta = json.loads(fields["json"])
         xyz = read_npy(fields["xyz.npy"])
         rgb = read_npy(fields["rgb.npy"])
     except (ValueError, UnicodeDecodeError, EOFError, RecursionError) as e:  # RecursionError: deeply nested JSON
@@ -518,11 +470,12 @@ def stream_split(
                 url, read = sample["__url__"], 0
             key = sample["__key__"]
             where = f"{url}, sample {key}"
-            if key != sample_key(first[url] + read):
-                raise ShardError(f"{where}: expected sample {sample_key(first[url] + read)} here (corrupt tar data)")
+            i = first[url] + read
+            if key != reader.index.key(i):
+                raise ShardError(f"{where}: expected sample {reader.index.key(i)} here (corrupt tar data)")
             read += 1
             members = {f"{key}.{k}": v for k, v in sample.items() if not k.startswith("__")}
-            yield decode_sample(members, key, where)
+            yield decode_sample(members, key, where, reader.foreign_meta(i))
     except tarfile.TarError as e:  # webdataset appends the failing shard's URL to the message
         raise ShardError(f"corrupt tar data after {where} ({e})") from e
     check_complete()

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ognet import dist
 from ognet.checkpoint import latest_checkpoint
 from ognet.config import Config, save_config
-from ognet.data.loading import TrainData
+from ognet.data.loading import train_data
 from ognet.errors import OgnetError, Preempted
 from ognet.evaluate import evaluate_model
 from ognet.losses import LossTerms, LossWarmup, ReidLoss
@@ -47,7 +47,7 @@ class Trainer:
     def __init__(self, config: Config, info: dist.DistInfo, monitor: Monitor):
         self.config, self.info, self.monitor, t = config, info, monitor, config.train
         self.run_dir = Path(config.run_dir)
-        self.data = TrainData(config, info)  # reads the index; impossible sampling fails here, on every rank
+        self.data = train_data(config, info)  # reads the index; impossible sampling fails here, on every rank
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.model = build_model(config.model.variant, self.data.num_classes, **config.model.overrides).to(info.device)
         self.spec = model_spec(config.model.variant, self.data.num_classes, config.model.overrides)
