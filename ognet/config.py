@@ -34,6 +34,7 @@ from ognet.io import atomic_write, read_yaml_mapping
 from ognet.losses import GAMMA, CircleForm
 from ognet.metrics import APMode
 from ognet.model.network import Variant
+from ognet.rank_lists import RankListSelect
 
 Backend = Literal["ddp", "deepspeed"]
 Precision = Literal["fp32", "bf16", "fp16"]  # fp16: CUDA only, with a grad scaler
@@ -133,6 +134,7 @@ class EvalConfig:
     ap: APMode = "trapezoid"  # trapezoid (Market devkit, the original) | noninterp (torchreid, fast-reid)
     save_features: bool = False  # also write the features (.npy, and the original's .mat)
     rank_list_queries: int = 4  # rank-list pictures written to TensorBoard (0: none)
+    rank_list_select: RankListSelect = "first"  # first: the first queries | worst_ap: those of lowest AP
 
 
 @dataclass

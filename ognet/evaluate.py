@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
@@ -38,8 +37,16 @@ from ognet.errors import ShardError
 from ognet.io import atomic_write
 from ognet.metrics import PerQueryResult, format_result_line, rank_queries, reduce_results
 from ognet.model import OGNet, build_from_spec
-from ognet.monitor import Monitor, render_rank_list
+from ognet.monitor import Monitor
+from ognet.rank_lists import write_rank_lists
 from ognet.session import session
+
+METRICS = ("rank1", "rank5", "rank10", "mAP", "mINP")  # scalars `<tag>/<name>` of every evaluation
+
+
+def metric_tags(tag: str) -> list[str]:
+    """The TensorBoard tags of an evaluation's metrics (scalars, and the HParams tab's metrics)."""
+    return [f"{tag}/{name}" for name in METRICS]
 
 
 def rank_slice(n: int, info: dist.DistInfo) -> np.ndarray:
@@ -118,6 +125,7 @@ class Evaluation:
     gallery_features: torch.Tensor
     query_left_out: np.ndarray  # unreadable samples left out (data.bad_samples=skip)
     gallery_left_out: np.ndarray
+    per_query: PerQueryResult | None = None  # of the readable queries, in query order
 
 
 def _rank_my_queries(e: Evaluation, config: Config, info: dist.DistInfo) -> PerQueryResult:
@@ -161,7 +169,8 @@ def compute_metrics(model: nn.Module, config: Config, info: dist.DistInfo) -> Ev
                 f"{reader.location}: no sample is readable (data.bad_samples=skip leaves out all {len(out)})"
             )
     e = Evaluation({}, query, gallery, qf, gf, q_out, g_out)
-    e.metrics = reduce_results([_rank_my_queries(e, config, info)])
+    e.per_query = _rank_my_queries(e, config, info)
+    e.metrics = reduce_results([e.per_query])
     if config.data.bad_samples == "skip":
         e.metrics["num_bad_samples"] = int(q_out.sum() + g_out.sum())
     return e
@@ -179,24 +188,13 @@ def write_results(e: Evaluation, config: Config, monitor: Monitor, out: Path, st
         json.dump({"step": step, **m}, f, indent=1)
     with open(out / "result.txt", "a") as f:
         f.write(f"{tag} step {step}: {line}\n")
-    names = ("rank1", "rank5", "rank10", "mAP", "mINP") + (("num_bad_samples",) if skip else ())
+    names = METRICS + (("num_bad_samples",) if skip else ())
     monitor.scalars({f"{tag}/{name.replace('num_', '')}": m[name] for name in names}, step)
     if config.eval.save_features:
         qf, gf = e.query_features.cpu().numpy(), e.gallery_features.cpu().numpy()
         save_features(out, tag, qf, gf, e.query.index, e.gallery.index, monitor)
-    write_rank_lists(e, config.eval.rank_list_queries, monitor, out, step, tag)
+    write_rank_lists(e, config.eval.rank_list_queries, config.eval.rank_list_select, monitor, out, step, tag)
     monitor.flush()
-
-
-def write_rank_lists(e: Evaluation, count: int, monitor: Monitor, out: Path, step: int, tag: str) -> None:
-    """Rank-list pictures of the first `count` readable queries, to TensorBoard and as PNG files."""
-    queries = np.flatnonzero(~e.query_left_out)[:count].tolist()
-    for q in queries:
-        picture = rank_list_picture(q, e.query_features, e.gallery_features, e.query, e.gallery, e.gallery_left_out)
-        monitor.image(f"{tag}/rank_list_{q}", picture, step)
-        Image.fromarray(picture).save(out / f"rank-list-{tag}-{q}.png")
-    if queries:
-        monitor.log(f"rank lists (query, then its top 10; green = same identity): {out}/rank-list-{tag}-*.png")
 
 
 def evaluate_model(
@@ -238,28 +236,6 @@ def save_features(out: Path, tag: str, qf: np.ndarray, gf: np.ndarray, qi, gi, m
     )
 
 
-def rank_list_picture(
-    q: int,
-    qf: torch.Tensor,
-    gf: torch.Tensor,
-    query: ShardReader,
-    gallery: ShardReader,
-    left_out: np.ndarray | None = None,
-    top: int = 10,
-) -> np.ndarray:
-    """Query `q` and its top gallery clouds (junk and left-out samples removed), correct matches
-    framed green, others red."""
-    qi, gi = query.index, gallery.index
-    scores = (gf @ qf[q]).cpu().numpy()
-    junk = (gi.pids == -1) | ((gi.pids == qi.pids[q]) & (gi.camids == qi.camids[q]))
-    if left_out is not None:
-        junk |= left_out
-    ranked = [int(i) for i in np.argsort(-scores, kind="stable") if not junk[i]][:top]
-    clouds = [query[q]] + [gallery[i] for i in ranked]
-    matches = [None] + [bool(gi.pids[i] == qi.pids[q]) for i in ranked]
-    return render_rank_list([(c.xyz, c.rgb) for c in clouds], matches)
-
-
 def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> OGNet:
     """The model a checkpoint holds (ours, or an imported original), its weights loaded strictly."""
     return _model_from(load_checkpoint(checkpoint, map_location=device), str(checkpoint)).to(device)
@@ -281,6 +257,7 @@ def evaluate_checkpoint(config: Config, checkpoint: str | Path) -> dict[str, Any
         step = int(payload.get("step", 0))
         monitor.log(f"evaluating {checkpoint} (training step {step})")
         monitor.text("eval/checkpoint", f"{Path(checkpoint).resolve()} (training step {step})", step)
+        monitor.hparams(config.to_dict(), metric_tags("eval"))
         return evaluate_model(model, config, info, monitor, step=step, tag="eval", out_dir=out_dir)
 
 

@@ -19,8 +19,10 @@ import yaml
 from torch.utils.tensorboard.summary import hparams
 
 from ognet.config import flatten
+from ognet.pictures import point_spacing
 
 STACK_DUMP_SIGNAL = signal.SIGUSR2
+MESH_POINT_SIZE = 1.5  # in point spacings: neighbouring points overlap, the surface reads as closed
 log = logging.getLogger("ognet")
 
 
@@ -61,10 +63,18 @@ class Monitor:
             self.writer.add_image(tag, image, step, dataformats="HWC")
 
     def point_cloud(self, tag: str, xyz: np.ndarray, rgb: np.ndarray, step: int) -> None:
-        """One coloured cloud for TensorBoard's mesh plugin (rgb in [0, 1])."""
+        """One coloured cloud for TensorBoard's mesh plugin (rgb in [0, 1]), its points drawn
+        MESH_POINT_SIZE spacings wide (the viewer's default, 0.005 units, leaves specks)."""
         if self.writer is not None:
             colors = torch.from_numpy(np.clip(rgb * 255, 0, 255).astype(np.uint8))[None]
-            self.writer.add_mesh(tag, vertices=torch.from_numpy(xyz)[None], colors=colors, global_step=step)
+            material = {"cls": "PointsMaterial", "size": MESH_POINT_SIZE * point_spacing(xyz)}
+            self.writer.add_mesh(
+                tag,
+                vertices=torch.from_numpy(xyz)[None],
+                colors=colors,
+                config_dict={"material": material},
+                global_step=step,
+            )
 
     def hparams(self, config: dict, metric_tags: list[str]) -> None:
         """The run's hyper-parameters for TensorBoard's HParams tab, written into this run's own
@@ -85,32 +95,3 @@ class Monitor:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
-
-
-def render_cloud(xyz: np.ndarray, rgb: np.ndarray, height: int = 192, width: int = 96) -> np.ndarray:
-    """Front view (x right, y up) of a coloured cloud as an (H, W, 3) uint8 picture; nearer points
-    (larger z) are painted last."""
-    xy = xyz[:, :2] - xyz[:, :2].mean(axis=0)
-    scale = 0.95 * min(height, 2 * width) / max(2 * np.abs(xy).max(), 1e-6)
-    cols = np.clip((xy[:, 0] * scale / 2 + width / 2).astype(int), 0, width - 1)
-    rows = np.clip((height / 2 - xy[:, 1] * scale / 2).astype(int), 0, height - 1)
-    order = np.argsort(xyz[:, 2], kind="stable")
-    image = np.full((height, width, 3), 255, np.uint8)
-    image[rows[order], cols[order]] = np.clip(rgb[order] * 255, 0, 255).astype(np.uint8)
-    return image
-
-
-def render_rank_list(
-    clouds: list[tuple[np.ndarray, np.ndarray]], matches: list[bool | None], border: int = 4
-) -> np.ndarray:
-    """A row of rendered clouds: the query (grey frame), then its ranked gallery items framed green
-    (same identity) or red."""
-    colours = {None: (128, 128, 128), True: (0, 170, 0), False: (210, 0, 0)}
-    tiles = []
-    for (xyz, rgb), match in zip(clouds, matches):
-        tile = render_cloud(xyz, rgb)
-        framed = np.empty((tile.shape[0] + 2 * border, tile.shape[1] + 2 * border, 3), np.uint8)
-        framed[:] = colours[match]
-        framed[border:-border, border:-border] = tile
-        tiles.append(framed)
-    return np.concatenate(tiles, axis=1)

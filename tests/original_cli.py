@@ -219,6 +219,7 @@ FREE_KEYS = {
     "eval.batch_size",
     "eval.save_features",
     "eval.rank_list_queries",
+    "eval.rank_list_select",
 }
 
 

@@ -11,7 +11,6 @@ per process, with a subprocess timeout and a short collective timeout, so a hang
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import shutil
@@ -25,6 +24,8 @@ import torch
 import yaml
 from data_fixtures import tiny_root, tiny_shards  # noqa: F401  (fixtures)
 from dist_scripts.procs import REPO, TORCHRUN, clean_env, run
+from picture_checks import decode_png, expected_tiles, frame_pixels, hparams_metrics, inner, tiles_of
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ognet.checkpoint import load_checkpoint, load_model_state, save_checkpoint
@@ -34,14 +35,12 @@ from ognet.data.transforms import TransformConfig, transform
 from ognet.evaluate import main as eval_main
 from ognet.metrics import evaluate_ranking, format_result_line
 from ognet.model import build_model, export_original
-from ognet.monitor import render_cloud
+from ognet.pictures import FRAME_COLOURS, TEXT_COLOUR, render_cloud
 
 EVAL = str(REPO / "launch" / "evaluate.py")
 IMPORT_ORIGINAL = Path(sys.executable).with_name("ognet-import-original")
 MODEL_CONFIG = {"variant": "ognet-small", "num_classes": 8, "overrides": {"init_points": 64, "k": 4}}
 NUM_QUERY, NUM_GALLERY = 12, 44  # the tiny preset
-TILE_W, TILE_H, BORDER = 96, 192, 4  # render_cloud's default size, render_rank_list's frame
-FRAME = {"query": (128, 128, 128), "match": (0, 170, 0), "other": (210, 0, 0)}
 TIMEOUT = 240  # per evaluation process; collectives time out after 60 s, well before
 # The 2-rank run loads through a DataLoader worker (a forked process reading the shards itself).
 RUN_OVERRIDES = {0: (), 2: ("data.num_workers=1",), 3: ()}
@@ -265,24 +264,6 @@ def test_features_and_metrics_equal_an_independent_reference(evaluated, checkpoi
 # 3. Result line, TensorBoard scalars and rank-list pictures
 
 
-def decode_png(encoded: bytes) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"))
-
-
-def expected_rank_list(
-    q: int, qf: np.ndarray, gf: np.ndarray, query: ShardReader, gallery: ShardReader
-) -> tuple[list[int], float]:
-    """Top 10 gallery items of query q, junk (same pid and camera, or pid -1) removed, and the
-    smallest score gap among the top 11 (float32 scores of the command differ by ~1e-7)."""
-    qi, gi = query.index, gallery.index
-    scores = gf.astype(np.float64) @ qf[q].astype(np.float64)
-    junk = (gi.pids == -1) | ((gi.pids == qi.pids[q]) & (gi.camids == qi.camids[q]))
-    order = [int(i) for i in np.argsort(-scores, kind="stable") if not junk[i]]
-    return order[:10], float(-np.diff(scores[order[:11]]).min())
-
-
 @pytest.mark.slow
 def test_result_line_tensorboard_scalars_and_rank_list_pictures(evaluated, readers):
     run_dir, proc = evaluated(0)
@@ -300,35 +281,32 @@ def test_result_line_tensorboard_scalars_and_rank_list_pictures(evaluated, reade
         assert scalar.step == 0 and scalar.value == pytest.approx(metrics[key], abs=1e-7), key
     pictures = sorted(t for t in events.Tags()["images"] if t.startswith("eval/rank_list_"))
     assert pictures == [f"eval/rank_list_{q}" for q in range(4)]  # eval.rank_list_queries default 4
+    assert hparams_metrics(run_dir / "tb") == [f"eval/{key}" for key in ("rank1", "rank5", "rank10", "mAP", "mINP")]
 
     query, gallery = readers
     qf, gf = features(run_dir)
-    frames_seen = set()
+    kinds_seen = set()
     for q in range(4):
         [image] = events.Images(f"eval/rank_list_{q}")
         picture = decode_png(image.encoded_image_string)
-        tile_w, tile_h = TILE_W + 2 * BORDER, TILE_H + 2 * BORDER
-        assert picture.shape == (tile_h, 11 * tile_w, 3) and (image.width, image.height) == (11 * tile_w, tile_h)
-        ranked, gap = expected_rank_list(q, qf, gf, query, gallery)
-        assert gap > 1e-5, f"query {q}: near tie in the top 10 ({gap:.3g}), the order recomputed here is ambiguous"
-        clouds = [query[q]] + [gallery[i] for i in ranked]
-        frames = ["query"] + ["match" if gallery.index.pids[i] == query.index.pids[q] else "other" for i in ranked]
-        for t, (cloud, frame) in enumerate(zip(clouds, frames)):
-            tile = picture[:, t * tile_w : (t + 1) * tile_w]
-            border = np.concatenate(
-                [
-                    tile[:BORDER].reshape(-1, 3),
-                    tile[-BORDER:].reshape(-1, 3),
-                    tile[:, :BORDER].reshape(-1, 3),
-                    tile[:, -BORDER:].reshape(-1, 3),
-                ]
-            )
-            assert (border == FRAME[frame]).all(), f"query {q}, tile {t}: expected a {frame} frame"
-            assert np.array_equal(tile[BORDER:-BORDER, BORDER:-BORDER], render_cloud(cloud.xyz, cloud.rgb)), (
+        assert np.array_equal(np.asarray(Image.open(run_dir / f"rank-list-eval-{q}.png").convert("RGB")), picture)
+        scores = gf.astype(np.float64) @ qf[q].astype(np.float64)
+        want = expected_tiles(scores, q, query.index, gallery.index, np.zeros(len(gallery), dtype=bool))
+        shown = [g for g, _ in want]
+        gap = -np.diff(scores[np.argsort(-scores, kind="stable")][: len(shown) + 1]).min()
+        assert gap > 1e-5, f"query {q}: near tie among the shown items ({gap:.3g}), the order here is ambiguous"
+        tiles = tiles_of(picture)
+        assert len(tiles) == 1 + len(want) and sum(kind != "junk" for _, kind in want) == 10
+        clouds = [(query[q], "query")] + [(gallery[g], kind) for g, kind in want]
+        for t, ((framed, band), (cloud, kind)) in enumerate(zip(tiles, clouds)):
+            assert (frame_pixels(framed) == FRAME_COLOURS[kind]).all(), f"query {q}, tile {t}: expected a {kind} frame"
+            drawn = render_cloud(cloud.xyz, cloud.rgb)
+            assert np.array_equal(inner(framed), drawn // 2 + 128 if kind == "junk" else drawn), (
                 f"query {q}, tile {t}: not the expected cloud"
             )
-        frames_seen.update(frames)
-    assert frames_seen == {"query", "match", "other"}  # both kinds of frame were checked
+            assert np.all(band == TEXT_COLOUR, axis=2).sum() > 30, f"query {q}, tile {t}: no label"
+        kinds_seen.update(kind for _, kind in clouds)
+    assert kinds_seen == {"query", "match", "other", "junk"}  # every kind of frame was checked
 
 
 # ------------------------------------------------------------------------------------------------

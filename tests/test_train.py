@@ -14,9 +14,13 @@ import pytest
 import torch
 from data_fixtures import tiny_shards  # noqa: F401  (fixture)
 from dist_scripts.procs import REPO, TORCHRUN, clean_env, run
+from picture_checks import hparams_metrics
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from ognet import dist
 from ognet.checkpoint import checkpoint_steps, load_checkpoint
+from ognet.config import load_config
+from ognet.data.loading import TrainData
 
 TRAIN = str(REPO / "launch" / "train.py")
 
@@ -40,6 +44,15 @@ def train_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
         "eval.rank_list_queries=1",
         *extra,
     ]
+
+
+def first_clouds(run_dir: Path) -> list[str]:
+    """The mesh tags of a run's first two training clouds: their identity, from the first batch
+    the run's sampler gives (one process, as the run)."""
+    data = TrainData(load_config(run_dir / "config.yaml"), dist.DistInfo(0, 0, 1, torch.device("cpu"), None, True))
+    _, _, labels = next(iter(data.loader(0)))
+    pids = {label: pid for pid, label in data.reader.index.label_map.items()}
+    return [f"train/cloud_{i}_id{pids[int(label)]:04d}" for i, label in enumerate(labels[:2])]
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -86,7 +99,9 @@ def test_single_process_run_writes_checkpoints_metrics_and_tensorboard(tiny_shar
     for tag in ("train/grad_norm", "train/data_wait_fraction", "train/step_time_s", "train/peak_memory_mb"):
         values = [e.value for e in events.Scalars(tag)]
         assert len(values) == 6 and all(v >= 0 for v in values), tag
-    assert {"train/cloud_0_VERTEX", "train/cloud_0_COLOR"} <= set(events.Tags()["tensors"])
+    clouds = sorted(t.removesuffix("_VERTEX") for t in events.Tags()["tensors"] if t.endswith("_VERTEX"))
+    assert clouds == first_clouds(run_dir)
+    assert hparams_metrics(run_dir / "tb") == [f"eval/{key}" for key in ("rank1", "rank5", "rank10", "mAP", "mINP")]
     assert "config/text_summary" in events.Tags()["tensors"]
 
 

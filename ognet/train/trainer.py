@@ -25,10 +25,11 @@ from ognet.checkpoint import latest_checkpoint
 from ognet.config import Config, save_config
 from ognet.data.loading import train_data
 from ognet.errors import OgnetError, Preempted
-from ognet.evaluate import evaluate_model
+from ognet.evaluate import evaluate_model, metric_tags
 from ognet.losses import LossTerms, LossWarmup, ReidLoss
 from ognet.model import build_model, model_spec
 from ognet.monitor import Monitor
+from ognet.pictures import pid_text
 from ognet.train.agreement import Agreement, Verdict
 from ognet.train.averaging import WeightAverage, update_bn
 from ognet.train.checkpointer import Checkpointer, init_weights
@@ -102,7 +103,9 @@ class Trainer:
             f"identities, global batch {t.global_batch_size}, {d.steps_per_epoch} steps/epoch, {t.epochs} epochs "
             f"-> {self.run_dir}"
         )
-        self.monitor.hparams(self.config.to_dict(), ["eval/rank1", "eval/mAP"])
+        self.monitor.hparams(
+            self.config.to_dict(), metric_tags("eval") + (metric_tags("average") if self.average else [])
+        )
 
     def train_epoch(self) -> None:
         p, steps = self.progress, self.data.steps_per_epoch
@@ -119,7 +122,7 @@ class Trainer:
         for xyz, rgb, labels, *replaced in bar:  # replaced: with data.bad_samples=skip
             self.act_on(self.agreement.verdicts())
             if p.global_step == 0:
-                self.monitor_clouds(xyz, rgb)
+                self.monitor_clouds(xyz, rgb, labels)
             before = p.copy()
             self.begin_step()
             terms, result = self.train_step(*(x.to(self.info.device, non_blocking=True) for x in (xyz, rgb, labels)))
@@ -212,10 +215,13 @@ class Trainer:
         self.monitor.log(f"preemption signal: checkpoint written at global step {self.progress.global_step}; exiting")
         raise Preempted(str(path))
 
-    def monitor_clouds(self, xyz: torch.Tensor, rgb: torch.Tensor) -> None:
-        """The first step's first two training clouds (host tensors), as TensorBoard meshes."""
+    def monitor_clouds(self, xyz: torch.Tensor, rgb: torch.Tensor, labels: torch.Tensor) -> None:
+        """The first step's first two training clouds (host tensors), as TensorBoard meshes tagged
+        with their identity: `train/cloud_<i>_id<pid>`."""
+        pids = {label: pid for pid, label in self.data.reader.index.label_map.items()}
         for i in range(min(2, len(xyz))):
-            self.monitor.point_cloud(f"train/cloud_{i}", xyz[i].numpy(), rgb[i].numpy() + 0.5, 1)
+            pid = pid_text(pids[int(labels[i])])
+            self.monitor.point_cloud(f"train/cloud_{i}_id{pid}", xyz[i].numpy(), rgb[i].numpy() + 0.5, 1)
 
     def end_epoch(self) -> None:
         self.act_on(self.agreement.verdicts(wait=True))
