@@ -51,6 +51,11 @@ export PYTHONUNBUFFERED=1  # log lines reach the job's log as they happen
 say "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: $SLURM_NTASKS torchrun task(s)," \
     "rendezvous $OGNET_RDZV_ENDPOINT id $OGNET_RDZV_ID"
 say "$torchrun $script $*"
+# A job without GPUs trains on CPU (gloo): say so where it will be seen, rather than run silently slow.
+if [ -z "${SLURM_GPUS_ON_NODE:-}${SLURM_JOB_GPUS:-}${CUDA_VISIBLE_DEVICES:-}" ] && [ -z "${OGNET_NPROC_PER_NODE:-}" ]; then
+  say "warning: this job has no GPUs (no --gpus-per-node / --gres=gpu): it runs on CPU, one process per task;" \
+      "add --gpus-per-node=N, or set OGNET_NPROC_PER_NODE to run on CPU on purpose"
+fi
 
 preempted=0 nudger='' step=''
 on_usr1() {

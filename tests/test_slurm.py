@@ -189,6 +189,7 @@ def test_train_then_dependent_evaluation_on_two_nodes(chained):
     run_dir, log = chained["run_dir"], chained["train_log"]
     assert chained["train"] == {"JobState": "COMPLETED", "ExitCode": "0:0", "Restarts": "0"}, log
     assert "2 torchrun task(s)" in log and "on 2 x cpu (ddp, fp32)" in log
+    assert "warning: this job has no GPUs" in log  # submitted without --gpus-per-node
     assert "epoch 1 step 6/6" in log and "step ended with status 0" in log
     assert [step for step, _ in checkpoint_steps(run_dir / "checkpoints")] == [6, 12]
     assert (run_dir / "model_last.pt").exists()
