@@ -27,6 +27,7 @@ from dist_scripts.procs import REPO, TORCHRUN, clean_env, run
 from picture_checks import decode_png, expected_tiles, frame_pixels, hparams_metrics, inner, tiles_of
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_metrics import assert_metrics_match_reference, reference_metrics
 
 from ognet.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from ognet.data.pack import PackOptions, pack_dataset
@@ -251,7 +252,9 @@ def test_features_and_metrics_equal_an_independent_reference(evaluated, checkpoi
     np.testing.assert_allclose(qf, ref_qf, rtol=0, atol=1e-5)
     np.testing.assert_allclose(gf, ref_gf, rtol=0, atol=1e-5)
     metrics = metrics_json(evaluated(0)[0])
-    assert metrics == ranking_metrics(qf, gf, query, gallery)
+    assert metrics == ranking_metrics(qf, gf, query, gallery)  # the command's features, ranked again
+    qi, gi = query.index, gallery.index  # and the metrics of the reference's features by a per-query loop
+    assert_metrics_match_reference(metrics, reference_metrics(ref_qf, qi.pids, qi.camids, ref_gf, gi.pids, gi.camids))
     # the same numbers: rounding-level score changes move no rank here (should a near tie ever
     # make them differ, the message says by how much against the smallest deciding gap)
     shift = np.abs(qf.astype(np.float64) @ gf.T - ref_qf.astype(np.float64) @ ref_gf.T).max()

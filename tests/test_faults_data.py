@@ -29,6 +29,7 @@ from data_fixtures import tiny_shards  # noqa: F401  (fixture)
 from dist_scripts.procs import TORCHRUN, clean_env
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_evaluate import EVAL, checkpoint, eval_error, features, metrics_json, write_config  # noqa: F401  (fixture)
+from test_metrics import assert_metrics_match_reference, reference_metrics
 from test_train import TRAIN, train_args
 
 from ognet.checkpoint import checkpoint_steps, load_checkpoint
@@ -338,7 +339,9 @@ def test_skip_evaluation_leaves_unreadable_samples_out_on_any_world_size(skip_ru
     assert not qf[~q_ok].any() and not gf[~g_ok].any()
     np.testing.assert_allclose(np.linalg.norm(qf[q_ok], axis=1), 1, atol=1e-5)
     alone = evaluate_ranking(qf[q_ok], qi.pids[q_ok], qi.camids[q_ok], gf[g_ok], gi.pids[g_ok], gi.camids[g_ok])
-    assert during == {"step": during["step"], **alone, "num_bad_samples": num_bad}
+    assert during == {"step": during["step"], **alone, "num_bad_samples": num_bad}  # the same code, fewer samples
+    loop = reference_metrics(qf[q_ok], qi.pids[q_ok], qi.camids[q_ok], gf[g_ok], gi.pids[g_ok], gi.camids[g_ok])
+    assert_metrics_match_reference(during, loop)  # and an independent per-query loop
 
     # One plain process (ognet-eval in this process, no DataLoader worker): the same numbers.
     eval_main(

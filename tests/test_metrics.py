@@ -356,3 +356,16 @@ def test_input_types():
         "gallery_features": (inputs["gallery_features"] * 10).astype(np.int64) - 4,
     }
     assert evaluate_ranking(**large)["num_queries"] == 4
+
+
+def reference_metrics(qf, ql, qc, gf, gl, gc, ap="trapezoid") -> dict:
+    """The headline numbers of the per-query loop above: an independent check of a whole
+    evaluation's metrics (other tests import it)."""
+    aps, inps, cmcs = reference(np.asarray(qf), ql, qc, np.asarray(gf), gl, gc, ap)
+    cmc = cmcs.mean(0)
+    return {"rank1": cmc[0], "rank5": cmc[4], "rank10": cmc[9], "mAP": aps.mean(), "mINP": inps.mean()}
+
+
+def assert_metrics_match_reference(metrics: dict, reference: dict) -> None:
+    for key, value in reference.items():
+        assert metrics[key] == pytest.approx(value, rel=0, abs=1e-12), key
