@@ -27,8 +27,8 @@ ognet_pip() {
   return "$status"
 }
 
-# 1. System library: open3d's wheel links against libusb-1.0.
-if ! ldconfig -p 2>/dev/null | grep -q 'libusb-1.0.so.0'; then
+# 1. System library: open3d's wheel (the open3d extra, which dev includes) links against libusb-1.0.
+if [[ ",$OGNET_EXTRAS," =~ ,(open3d|dev), ]] && ! ldconfig -p 2>/dev/null | grep -q 'libusb-1.0.so.0'; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "[setup] installing libusb-1.0-0 (needed by open3d)"
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libusb-1.0-0) >/dev/null \
@@ -55,9 +55,9 @@ if ! "$OGNET_PY" -c 'import torch' 2>/dev/null; then
   "$OGNET_PY" -c 'import torch' || { echo "[setup] torch installed but does not import" >&2; return 1 2>/dev/null || exit 1; }
 fi
 
-# 4. The project itself, editable; skipped when the metadata and the extras have not changed.
+# 4. The project itself, editable; skipped when its metadata (pyproject.toml) and the extras have not changed.
 stamp="$OGNET_VENV/.ognet-installed"
-want="$(cat "$OGNET_ROOT/setup.cfg" "$OGNET_ROOT/pyproject.toml" 2>/dev/null | sha256sum | cut -c1-16) [$OGNET_EXTRAS]"
+want="$(sha256sum <"$OGNET_ROOT/pyproject.toml" | cut -c1-16) [$OGNET_EXTRAS]"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   rm -f "$stamp"
   spec="$OGNET_ROOT"; [ -n "$OGNET_EXTRAS" ] && spec="$OGNET_ROOT[$OGNET_EXTRAS]"

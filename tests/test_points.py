@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 import pickle
 import re
+import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require
 
 from ognet.data.points import POINT_SUFFIXES, read_points, validate_points, write_obj
 from ognet.errors import DataError
@@ -88,7 +90,7 @@ def test_write_obj_refuses_bad_points_and_leaves_no_file(tmp_path):
 def test_open3d_drops_vertices_that_no_face_uses(tmp_path):
     """Why we parse .obj ourselves: open3d >= 0.10 keeps only vertices referenced by faces, so the
     original's one-face files come back as 3 points. If this ever fails, open3d changed."""
-    o3d = pytest.importorskip("open3d", reason="open3d is not installed")
+    o3d = require("open3d", "the open3d extra reads .ply/.pcd (tests/run.sh installs it with dev)")
     xyz, rgb = cloud()
     path = tmp_path / "p.jpg.obj"
     write_obj(path, xyz, rgb)
@@ -105,7 +107,7 @@ def test_open3d_drops_vertices_that_no_face_uses(tmp_path):
 @pytest.mark.parametrize("suffix", [".ply", ".pcd"])
 @pytest.mark.parametrize("ascii", [False, True])
 def test_ply_and_pcd_written_by_open3d(tmp_path, suffix, ascii):
-    o3d = pytest.importorskip("open3d", reason="open3d is not installed")
+    o3d = require("open3d", "the open3d extra reads .ply/.pcd (tests/run.sh installs it with dev)")
     xyz, rgb = cloud()
     pc = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(xyz.astype(np.float64)))
     pc.colors = o3d.utility.Vector3dVector(rgb.astype(np.float64))
@@ -255,7 +257,7 @@ def test_bad_input_is_a_clear_error_naming_the_file(tmp_path, case):
 
 @pytest.mark.parametrize("suffix", [".ply", ".pcd"])
 def test_ply_and_pcd_without_colours(tmp_path, suffix):
-    o3d = pytest.importorskip("open3d", reason="open3d is not installed")
+    o3d = require("open3d", "the open3d extra reads .ply/.pcd (tests/run.sh installs it with dev)")
     pc = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(np.zeros((5, 3))))
     path = tmp_path / f"p{suffix}"
     assert o3d.io.write_point_cloud(str(path), pc)
@@ -389,7 +391,7 @@ OPEN3D_HEADER_EDITS = [
 
 @pytest.mark.parametrize("suffix,ascii,compressed,old,new,message", OPEN3D_HEADER_EDITS)
 def test_open3d_headers_are_checked_against_the_file(tmp_path, suffix, ascii, compressed, old, new, message):
-    o3d = pytest.importorskip("open3d", reason="open3d is not installed")
+    o3d = require("open3d", "the open3d extra reads .ply/.pcd (tests/run.sh installs it with dev)")
     xyz, rgb = cloud(12)
     pc = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(xyz.astype(np.float64)))
     pc.colors = o3d.utility.Vector3dVector(rgb.astype(np.float64))
@@ -400,4 +402,12 @@ def test_open3d_headers_are_checked_against_the_file(tmp_path, suffix, ascii, co
     assert old in data
     path.write_bytes(data.replace(old, new, 1))
     with pytest.raises(DataError, match=f"^{re.escape(str(path))}: .*{re.escape(message)}"):
+        read_points(path)
+
+
+def test_without_open3d_a_ply_is_a_clear_error_naming_the_extra(tmp_path, monkeypatch):
+    path = tmp_path / "cloud.ply"
+    path.write_bytes(b"ply\nformat ascii 1.0\nelement vertex 1\nproperty float x\nend_header\n0\n")
+    monkeypatch.setitem(sys.modules, "open3d", None)  # what an install without the extra sees
+    with pytest.raises(DataError, match=r"cloud.ply: reading .ply files needs open3d.*pip install 'ognet\[open3d\]'"):
         read_points(path)

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from conftest import require_program
 from data_fixtures import MAX_COUNT, TINY, TINY_SPLITS, assert_sample_equal, source_samples, tiny_root, tiny_shards  # noqa: F401
 from torch.utils.data import DataLoader
 
@@ -101,9 +102,7 @@ def test_plain_webdataset_reads_the_shards(tiny_root, tiny_shards):
 
 @pytest.mark.parametrize("split", TINY_SPLITS)
 def test_tar_lists_and_extracts_the_shards(tiny_root, tiny_shards, tmp_path, split):
-    tar = shutil.which("tar")
-    if tar is None:
-        pytest.skip("no tar program on this machine")
+    tar = require_program("tar", "GNU tar must read the shards")
     want = source_samples(tiny_root, split)
     names = []
     for path in shard_paths(tiny_shards / split):

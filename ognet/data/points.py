@@ -131,8 +131,13 @@ def _parse_obj(data: bytes, path: Path) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def _read_open3d(path: Path, size: int) -> tuple[np.ndarray, np.ndarray | None]:
-    import open3d as o3d  # imported lazily: it costs ~1 s and only .ply/.pcd need it
-
+    try:
+        import open3d as o3d  # imported lazily: it costs ~1 s, only .ply/.pcd need it, and it is an extra
+    except ImportError as e:
+        raise DataError(
+            f"{path}: reading {path.suffix} files needs open3d, which is not installed: pip install 'ognet[open3d]' "
+            f"(and apt-get install libusb-1.0-0); .obj, .npy and .npz need nothing ({e})"
+        ) from e
     with open(path, "rb") as f:
         _check_open3d_header(f.read(HEADER_BYTES), size, path)
     cloud = o3d.io.read_point_cloud(str(path), format="auto", print_progress=False)
