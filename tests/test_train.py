@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from data_fixtures import tiny_shards  # noqa: F401  (fixture)
-from dist_scripts.procs import REPO, TORCHRUN, clean_env, run
+from dist_scripts.procs import REPO, TORCHRUN, clean_env, finish, run, start_slurm_tasks
 from picture_checks import hparams_metrics
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -266,17 +266,17 @@ def test_two_nodes_c10d_rendezvous_train_together(tiny_shards, tmp_path):
 
 @pytest.mark.slow
 def test_impossible_sampling_fails_on_every_rank_before_training(tiny_shards, tmp_path):
-    """P x K with P = 12 / 4 = 3 identities per global batch cannot split into whole identities on 2 ranks."""
+    """P x K with P = 12 / 4 = 3 identities per global batch cannot split into whole identities on 2 ranks.
+
+    The ranks run as two SLURM-style tasks, not under torchrun, which would stop the second rank as
+    soon as the first fails, before it could show that it fails on its own."""
     run_dir = tmp_path / "run"
-    cmd = [
-        str(TORCHRUN),
-        "--standalone",
-        "--nproc_per_node=2",
-        TRAIN,
-        *train_args(tiny_shards, run_dir, "sampler.mode=pk", "sampler.k=4", "train.global_batch_size=12"),
-    ]
-    proc = __import__("subprocess").run(cmd, env=clean_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("ognet-train: error:")]
-    assert len(errors) == 2 and all("whole identities" in e for e in errors), proc.stderr[-3000:]
-    assert not (run_dir / "checkpoints").exists() and "epoch 0 step" not in proc.stdout
+    args = train_args(tiny_shards, run_dir, "sampler.mode=pk", "sampler.k=4", "train.global_batch_size=12")
+    outputs = []
+    for rank, proc in enumerate(start_slurm_tasks(TRAIN, 2, *args)):
+        rc, output = finish(proc)
+        assert rc == 1, f"rank {rank} exited {rc}\n{output[-3000:]}"
+        errors = [line for line in output.splitlines() if line.startswith("ognet-train: error:")]
+        assert len(errors) == 1 and "whole identities" in errors[0], output[-3000:]
+        outputs.append(output)
+    assert not (run_dir / "checkpoints").exists() and not any("epoch 0 step" in out for out in outputs)
