@@ -2,8 +2,9 @@
 
 Each job has 2 tasks on the one node: two torchrun "nodes" of one process each, joined by a c10d
 rendezvous, as on two machines. The cluster is started once per session and stopped at its end,
-every daemon by its pid. slurm-wlm and munge are installed with apt when missing and this is
-root; elsewhere the tests skip with the reason, except under CI (CI set), where they fail.
+every daemon by its pid. slurm-wlm and munge are installed by the test command (tests/run.sh)
+before pytest starts; without them the tests skip with the reason, except under CI (CI set), where
+they fail.
 """
 
 from __future__ import annotations
@@ -56,22 +57,12 @@ def missing() -> list[str]:
     return [exe for exe in NEEDED if shutil.which(exe, path=SBIN_PATH) is None]
 
 
-def install_slurm(say) -> str | None:
-    """Install slurm-wlm and munge when they are missing; None when usable, else why not."""
+def why_not_usable() -> str | None:
+    """None when the SLURM programs are here; else what is missing. The test command (tests/run.sh)
+    installs them before pytest starts, so a test never runs apt."""
     if not missing():
         return None
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        return f"{', '.join(missing())} not found, and installing slurm-wlm and munge needs root and apt-get"
-    say("[test_slurm] slurm-wlm/munge missing: apt-get update && apt-get install -y slurm-wlm munge")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "slurm-wlm", "munge"]):
-        try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        except subprocess.TimeoutExpired:
-            return f"{' '.join(cmd)} timed out"
-        if proc.returncode != 0:
-            return f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr[-2000:]}"
-    return None if not missing() else f"still missing after apt-get: {', '.join(missing())}"
+    return f"{', '.join(missing())} not found: install slurm-wlm and munge (tests/run.sh does, as root)"
 
 
 def cluster_logs(folder: Path) -> str:
@@ -89,7 +80,7 @@ def slurm(request):
         with capture.global_and_fixture_disabled():
             print(message, flush=True)
 
-    reason = install_slurm(say)
+    reason = why_not_usable()
     if reason:
         if os.environ.get("CI"):
             pytest.fail(f"SLURM tests must run in CI: {reason}")
