@@ -1,6 +1,6 @@
 """Training throughput with 1 rank and with 2 ranks (one thread each), same global batch, one run.
 
-    python benchmarks/train_throughput.py [--points 2048] [--steps 12] [--repeats 3]
+    python benchmarks/train_throughput.py [--points 2048] [--steps 12] [--repeats 3] [--out FILE.md]
 
 Synthesises and packs the demo data set once (in a temporary folder), then for each world size
 runs `torchrun --nproc_per_node=W launch/train.py` on configs/demo.yaml for one epoch of
@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import cpu_model
+from common import load_average, provenance
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +74,9 @@ def main() -> None:
         default=0,
         help="DataLoader workers per rank; 0 (default) keeps each rank to one process and one thread",
     )
+    p.add_argument("--out", type=Path, help="write the results (markdown) here")
     args = p.parse_args()
+    load_at_start = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         shards = prepare(Path(tmp), args.points)
         rates = {1: [], 2: []}
@@ -85,14 +87,19 @@ def main() -> None:
                 )
                 print(f"repeat {r} world {world}: {rates[world][-1]:.2f} samples/s", flush=True)
     one, two = statistics.median(rates[1]), statistics.median(rates[2])
-    print(f"\nmachine: {cpu_model()}, {os.cpu_count()} cores; load average after the run {os.getloadavg()}")
-    print(
-        f"points {args.points} (slim keeps half), global batch {args.batch}, {args.steps} steps, data workers/rank {args.workers}"
-    )
-    print(f"1 rank : {one:.2f} samples/s (median of {args.repeats}: {[round(x, 2) for x in rates[1]]})")
-    print(f"2 ranks: {two:.2f} samples/s (median of {args.repeats}: {[round(x, 2) for x in rates[2]]})")
-    print(f"speed-up {two / one:.2f}x, scaling efficiency {two / one / 2:.0%}")
-
-
-if __name__ == "__main__":
-    main()
+    lines = [
+        *provenance("Training throughput: 1 rank vs 2 ranks (DDP, gloo, CPU)"),
+        f"- load average (1, 5, 15 min) at start: {load_at_start}; at end: {load_average()}",
+        f"- configs/demo.yaml on the synthetic `small` set, {args.points} points per cloud (slim keeps half), "
+        f"global batch {args.batch}, {args.steps} steps, DataLoader workers per rank {args.workers}, "
+        "OMP_NUM_THREADS=1 per rank; samples/s from the per-step times rank 0 logged, first step excluded",
+        "",
+        "| ranks | samples/s (median) | repeats |",
+        "|---|---|---|",
+        *(f"| {w} | {statistics.median(r):.2f} | {', '.join(f'{x:.2f}' for x in r)} |" for w, r in rates.items()),
+        "",
+        f"Speed-up **{two / one:.2f}x**, scaling efficiency {two / one / 2:.0%}.",
+    ]
+    print("\n".join(lines))
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n")
