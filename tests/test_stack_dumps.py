@@ -1,0 +1,131 @@
+"""`kill -USR2` stack dumps (ognet.stack_dumps) in real processes: they answer while the main thread
+waits inside a gloo collective, forked children dump their own stacks, spawned ones ignore the
+signal, and nothing dies. (A training run dumped 50 times and still bit-identical:
+test_faults_processes.py::test_fifty_stack_dumps_leave_a_training_run_bit_identical.)"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from dist_scripts.procs import SCRIPTS, clean_env, free_port
+
+from ognet.stack_dumps import HEADER
+
+SCRIPT = str(SCRIPTS / "stack_dumps.py")
+USR2_BIT = 1 << (signal.SIGUSR2 - 1)  # in /proc/PID/task/TID/status's SigBlk mask
+
+
+def threads_taking_usr2(pid: int) -> list[str]:
+    """The threads of `pid` that do not block SIGUSR2 (the dumper inside sigwait is one: the kernel
+    unblocks what a thread waits for), read from /proc: independent of ognet's own bookkeeping."""
+    taking = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            status = (task / "status").read_text()
+            if not int(re.search(r"^SigBlk:\s*([0-9a-f]+)", status, re.M).group(1), 16) & USR2_BIT:
+                taking.append(re.search(r"^Name:\s*(.*)$", status, re.M).group(1))
+    return taking
+
+
+def wait_for_text(path: Path, text: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while text not in (out := path.read_text(errors="replace") if path.exists() else ""):
+        assert time.monotonic() < deadline, f"{path.name} never showed {text!r} within {timeout} s:\n{out[-4000:]}"
+        time.sleep(0.05)
+    return out
+
+
+def dump(out: str, number: int, pid: int) -> str:
+    """Dump `number` of process `pid` in `out`, checked to be whole."""
+    start = out.index(f"{HEADER} {number}: pid {pid},")
+    end = out.index(f"end of {HEADER} {number}\n", start)
+    return out[start:end]
+
+
+def thread_stack(text: str, name: str) -> list[str]:
+    """The `File ..., in FUNCTION` lines of thread `name` in a dump, outermost first."""
+    section = text.split(f'Thread "{name}"', 1)[1].split('\nThread "', 1)[0]
+    return [line.strip() for line in section.splitlines() if line.strip().startswith("File ")]
+
+
+def start(tmp_path: Path, name: str, *args: str, **env: str) -> tuple[subprocess.Popen, Path]:
+    log = tmp_path / f"{name}.log"
+    with log.open("w") as f:
+        proc = subprocess.Popen([sys.executable, SCRIPT, *args], env=clean_env(**env), stdout=f, stderr=f)
+    return proc, log
+
+
+def stop(procs: list[subprocess.Popen], release: Path) -> None:
+    release.touch()
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_dump_answers_while_the_main_thread_waits_in_a_collective(tmp_path):
+    release, port = tmp_path / "release", str(free_port())
+    ranks = [
+        start(
+            tmp_path,
+            f"rank{r}",
+            "collective",
+            str(release),
+            RANK=str(r),
+            LOCAL_RANK=str(r),
+            WORLD_SIZE="2",
+            LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+        )
+        for r in range(2)
+    ]
+    (rank0, log0), (rank1, log1) = ranks
+    try:
+        wait_for_text(log0, "rank 0 enters all_reduce", timeout=120)
+        time.sleep(1)  # rank 0 is now inside gloo's wait (GIL released); rank 1 holds the all_reduce back
+        assert threads_taking_usr2(rank0.pid) == ["python"]  # only the dumper; gloo's threads block it too
+        os.kill(rank0.pid, signal.SIGUSR2)
+        out = wait_for_text(log0, f"end of {HEADER} 1", timeout=30)
+        assert "enters all_reduce" not in log1.read_text()  # so rank 0 was still waiting when it dumped
+        main = thread_stack(dump(out, 1, rank0.pid), "MainThread")
+        assert any(line.endswith("in all_reduce_sum") for line in main), main
+        assert main[-1].endswith("in all_reduce"), main  # torch.distributed.all_reduce, waiting in C++
+        assert "rank 1 sum" not in log1.read_text()
+    finally:
+        stop([rank0, rank1], release)
+    assert (rank0.returncode, rank1.returncode) == (0, 0), log0.read_text()[-4000:] + log1.read_text()[-4000:]
+    assert "rank 0 sum 2" in log0.read_text() and "rank 1 sum 2" in log1.read_text()
+
+
+def test_forked_children_dump_their_own_stacks_and_spawned_ones_ignore_the_signal(tmp_path):
+    release = tmp_path / "release"
+    parent, log = start(tmp_path, "parent", "children", str(release))
+    try:
+        out = wait_for_text(log, "spawn child pid", timeout=120)
+        out = wait_for_text(log, "fork child pid", timeout=30)
+        forked, spawned = (int(re.search(rf"{kind} child pid (\d+)", out).group(1)) for kind in ("fork", "spawn"))
+
+        os.kill(forked, signal.SIGUSR2)
+        out = wait_for_text(log, f"{HEADER} 1: pid {forked},", timeout=30)
+        out = wait_for_text(log, f"end of {HEADER} 1", timeout=30)
+        assert thread_stack(dump(out, 1, forked), "MainThread")[-2].endswith("in waiting_child")
+
+        assert threads_taking_usr2(spawned) == []  # blocked, inherited through exec; no handler to run
+        os.kill(spawned, signal.SIGUSR2)
+        time.sleep(1)
+        assert f"pid {spawned}," not in log.read_text()  # no dump, and it lives on (exit code 0 below)
+    finally:
+        stop([parent], release)
+    out = log.read_text()
+    assert parent.returncode == 0, out[-4000:]
+    assert "fork child exit code 0" in out and "spawn child exit code 0" in out, out[-4000:]
