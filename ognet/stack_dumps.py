@@ -10,10 +10,11 @@ a main thread waiting inside a gloo/nccl collective, GIL released, does not dela
 The mask is per thread and inherited at thread creation, so it must be set before other threads
 start: `block_dump_signal()` at the top of the launch scripts, before `import numpy` starts
 OpenBLAS's thread pool (one thread per core when OMP_NUM_THREADS allows). A thread that still
-predates the mask (e.g. `ognet-train` run as a console script with OMP_NUM_THREADS > 1) may take
-the signal: a Python-level handler then prints the dump from the main thread at its next
-bytecode (late while it waits in C++, never fatal, unlike the default action, which ends the
-process).
+predates the mask (`ognet-train` as a console script with OMP_NUM_THREADS > 1) may take the
+signal instead: the C part of a Python-level handler (no default action, which would end the
+process) wakes a relay thread through `signal.set_wakeup_fd`, which hands the signal to the
+dumper. The wake-up fd is the process's only one: a later `set_wakeup_fd` (asyncio's event loop
+in the main thread; ognet runs none) silences that path until it is given back.
 
 Child processes: a forked one (DataLoader workers under the default `fork` start method) gets a
 dumper of its own, so `kill -USR2 WORKER_PID` shows where a worker is; a spawned or exec'd one
@@ -34,7 +35,9 @@ DUMP_SIGNAL = signal.SIGUSR2
 HEADER = "ognet stack dump"  # every dump's first line: f"{HEADER} {n}: pid ..."
 _installed = False
 _count = 0  # dumps printed by this process
-_lock = threading.RLock()  # one dump at a time; reentrant: the fallback handler may run inside a dump
+_lock = threading.Lock()  # one dump at a time (write_stack_dump may also be called directly)
+_dumper: threading.Thread | None = None
+_wakeup: tuple[int, int] = (-1, -1)  # the relay's pipe (read, write)
 
 
 def block_dump_signal() -> None:
@@ -49,32 +52,52 @@ def enable_stack_dumps() -> None:
     if _installed or threading.current_thread() is not threading.main_thread():
         return
     block_dump_signal()
-    signal.signal(DUMP_SIGNAL, _dump_from_handler)  # only for threads that predate the mask
-    _start_dumper()
+    signal.signal(DUMP_SIGNAL, _relayed)  # not the default action (the end of the process), see _relay
+    _start_threads()
     os.register_at_fork(after_in_child=_after_fork)
     _installed = True
 
 
+def _start_threads() -> None:
+    """The dumper, and the relay for signals taken by a thread that predates the mask: Python's C
+    handler, in whatever thread took the signal, writes its number to the wake-up pipe (async-signal
+    safe), the relay reads it and hands the signal to the dumper."""
+    global _dumper, _wakeup
+    _dumper = threading.Thread(target=_dump_on_signal, name="ognet-stack-dumps", daemon=True)
+    _dumper.start()
+    read, write = os.pipe()
+    os.set_blocking(write, False)  # set_wakeup_fd's condition: a full pipe must not block a handler
+    signal.set_wakeup_fd(write, warn_on_full_buffer=False)  # every Python-handled signal writes here
+    _wakeup = (read, write)
+    threading.Thread(target=_relay, args=(read,), name="ognet-stack-dumps-relay", daemon=True).start()
+
+
 def _after_fork() -> None:
-    """A forked child has only the forking thread (the mask is inherited): a dumper of its own,
-    counting from 1, and a fresh lock (the parent's dumper may have held it at the fork)."""
+    """A forked child has only the forking thread (the mask is inherited): a dumper and relay of
+    its own, counting from 1, a fresh lock (the parent's dumper may have held it at the fork) and
+    its own wake-up pipe (the inherited one would wake the parent's relay)."""
     global _count, _lock
-    _count, _lock = 0, threading.RLock()
-    _start_dumper()
-
-
-def _start_dumper() -> None:
-    threading.Thread(target=_dump_on_signal, name="ognet-stack-dumps", daemon=True).start()
+    inherited = _wakeup
+    _count, _lock = 0, threading.Lock()
+    _start_threads()
+    for fd in inherited:
+        os.close(fd)
 
 
 def _dump_on_signal() -> None:
     while True:
-        signal.sigwait({DUMP_SIGNAL})  # blocks without the GIL
+        signal.sigwait({DUMP_SIGNAL})  # blocks without the GIL; takes the signal from no one else
         write_stack_dump()
 
 
-def _dump_from_handler(signum: int, frame: FrameType | None) -> None:
-    write_stack_dump()
+def _relay(read: int) -> None:
+    while True:
+        if int(DUMP_SIGNAL) in os.read(read, 64):  # several signals in one read: one dump, as the kernel merges them
+            signal.pthread_kill(_dumper.ident, DUMP_SIGNAL)
+
+
+def _relayed(signum: int, frame: FrameType | None) -> None:
+    """The main thread's part of a relayed signal, run at its next bytecode: nothing left to do."""
 
 
 def format_stack_dump(number: int) -> str:

@@ -1,15 +1,20 @@
 """Processes for tests/test_stack_dumps.py, with stack dumps on SIGUSR2 as the launch scripts set them up.
 
-usage: stack_dumps.py collective RELEASE   (2 ranks) rank 1 joins the all_reduce only once RELEASE exists
-       stack_dumps.py children RELEASE     a forked and a spawned child print their pids and wait for RELEASE
+usage: stack_dumps.py collective RELEASE       (2 ranks) rank 1 joins the all_reduce only once RELEASE exists
+       stack_dumps.py collective-late RELEASE  the same with the mask set after `import numpy` (console scripts)
+       stack_dumps.py children RELEASE         a forked and a spawned child print their pids and wait for RELEASE
 """
+
+import sys
 
 from ognet.stack_dumps import block_dump_signal
 
-block_dump_signal()  # as launch/train.py: before numpy and torch start threads
+if sys.argv[1].endswith("-late"):
+    import numpy  # noqa: F401  OpenBLAS's threads start now, before the mask (with OMP_NUM_THREADS > 1)
+else:
+    block_dump_signal()  # as launch/train.py: before numpy and torch start threads
 
 import multiprocessing  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -54,4 +59,4 @@ def children(release: Path) -> None:
 
 if __name__ == "__main__":
     enable_stack_dumps()
-    {"collective": collective, "children": children}[sys.argv[1]](Path(sys.argv[2]))
+    {"collective": collective, "collective-late": collective, "children": children}[sys.argv[1]](Path(sys.argv[2]))
