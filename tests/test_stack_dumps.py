@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from dist_scripts.procs import SCRIPTS, clean_env, free_port
 
 from ognet.stack_dumps import HEADER
@@ -56,11 +55,14 @@ def thread_stack(text: str, name: str) -> list[str]:
     return [line.strip() for line in section.splitlines() if line.strip().startswith("File ")]
 
 
-def start(tmp_path: Path, name: str, *args: str, **env: str) -> tuple[subprocess.Popen, Path]:
-    log = tmp_path / f"{name}.log"
-    with log.open("w") as f:
-        proc = subprocess.Popen([sys.executable, SCRIPT, *args], env={**clean_env(), **env}, stdout=f, stderr=f)
-    return proc, log
+def start(tmp_path: Path, name: str, *args: str, **env: str) -> tuple[subprocess.Popen, Path, Path]:
+    """The script in the background; returns it and the files of its stdout and stderr."""
+    out, err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, SCRIPT, *args], env={**clean_env(), **env}, stdout=stdout, stderr=stderr
+        )
+    return proc, out, err
 
 
 def stop(procs: list[subprocess.Popen], release: Path) -> None:
@@ -73,11 +75,10 @@ def stop(procs: list[subprocess.Popen], release: Path) -> None:
             proc.wait()
 
 
-@pytest.mark.parametrize("mode", ["collective", "collective-late"])
-def test_dumps_answer_while_the_main_thread_waits_in_a_collective(tmp_path, mode):
-    """`collective`: the mask set before any thread started (the launch scripts), so only the dumper
-    takes USR2. `collective-late`: set after `import numpy` started OpenBLAS's threads (the console
-    scripts), which may take it; the relay hands it to the dumper."""
+def test_dumps_answer_while_the_main_thread_waits_in_a_collective(tmp_path):
+    """Ranks 0 and 1 wait in an all_reduce that rank 2 holds back. Rank 0 set the mask before any
+    thread started (the launch scripts), so only its dumper takes USR2; rank 1 set it after `import
+    numpy` started OpenBLAS's threads (the console scripts), which may take it: the relay hands it on."""
     release, port = tmp_path / "release", str(free_port())
     ranks = [
         start(
@@ -87,55 +88,54 @@ def test_dumps_answer_while_the_main_thread_waits_in_a_collective(tmp_path, mode
             str(release),
             RANK=str(r),
             LOCAL_RANK=str(r),
-            WORLD_SIZE="2",
-            LOCAL_WORLD_SIZE="2",
+            WORLD_SIZE="3",
+            LOCAL_WORLD_SIZE="3",
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=port,
             OMP_NUM_THREADS="2",  # an OpenBLAS pool of 2 threads where there are 2 cores
         )
-        for r in range(2)
+        for r, mode in enumerate(("collective", "collective-late", "collective"))
     ]
-    (rank0, log0), (rank1, log1) = ranks
     try:
-        wait_for_text(log0, "rank 0 enters all_reduce", timeout=120)
-        time.sleep(1)  # rank 0 is now inside gloo's wait (GIL released); rank 1 holds the all_reduce back
-        taking = threads_taking_usr2(rank0.pid)
-        if mode == "collective":
-            assert taking == ["python"], taking  # only the dumper: gloo's and torch's threads block it too
-        elif (os.cpu_count() or 1) > 1:
-            assert len(taking) > 1, taking  # OpenBLAS's thread as well: the case the relay is for
+        for r in (0, 1):
+            wait_for_text(ranks[r][1], f"rank {r} enters all_reduce", timeout=120)
+        time.sleep(1)  # ranks 0 and 1 are now inside gloo's wait (GIL released)
+        early, late = (threads_taking_usr2(proc.pid) for proc, _, _ in ranks[:2])
+        assert early == ["python"], early  # only the dumper: gloo's and torch's threads block it too
+        if (os.cpu_count() or 1) > 1:
+            assert len(late) > 1, late  # OpenBLAS's thread as well: the case the relay is for
         for n in range(1, 4):
-            os.kill(rank0.pid, signal.SIGUSR2)
-            out = wait_for_text(log0, f"end of {HEADER} {n}", timeout=30)
-            main = thread_stack(dump(out, n, rank0.pid), "MainThread")
-            assert any(line.endswith("in all_reduce_sum") for line in main), main
-            assert main[-1].endswith("in all_reduce"), main  # torch.distributed.all_reduce, waiting in C++
-        assert "enters all_reduce" not in log1.read_text()  # so rank 0 was still waiting at every dump
+            for proc, _, err in ranks[:2]:
+                os.kill(proc.pid, signal.SIGUSR2)
+                text = wait_for_text(err, f"end of {HEADER} {n}\n", timeout=30)
+                main = thread_stack(dump(text, n, proc.pid), "MainThread")
+                assert any(line.endswith("in all_reduce_sum") for line in main), main
+                assert main[-1].endswith("in all_reduce"), main  # torch.distributed.all_reduce, waiting in C++
+        assert "enters all_reduce" not in ranks[2][1].read_text()  # so ranks 0 and 1 waited at every dump
     finally:
-        stop([rank0, rank1], release)
-    assert (rank0.returncode, rank1.returncode) == (0, 0), log0.read_text()[-4000:] + log1.read_text()[-4000:]
-    assert "rank 0 sum 2" in log0.read_text() and "rank 1 sum 2" in log1.read_text()
+        stop([proc for proc, _, _ in ranks], release)
+    for r, (proc, out, err) in enumerate(ranks):
+        assert proc.returncode == 0, err.read_text()[-4000:]
+        assert f"rank {r} sum 3" in out.read_text()
 
 
 def test_forked_children_dump_their_own_stacks_and_spawned_ones_ignore_the_signal(tmp_path):
     release = tmp_path / "release"
-    parent, log = start(tmp_path, "parent", "children", str(release))
+    parent, out, err = start(tmp_path, "parent", "children", str(release))
     try:
-        out = wait_for_text(log, "spawn child pid", timeout=120)
-        out = wait_for_text(log, "fork child pid", timeout=30)
-        forked, spawned = (int(re.search(rf"{kind} child pid (\d+)", out).group(1)) for kind in ("fork", "spawn"))
+        wait_for_text(out, "spawn child pid", timeout=120)
+        printed = wait_for_text(out, "fork child pid", timeout=30)
+        forked, spawned = (int(re.search(rf"{kind} child pid (\d+)", printed).group(1)) for kind in ("fork", "spawn"))
 
         os.kill(forked, signal.SIGUSR2)
-        out = wait_for_text(log, f"{HEADER} 1: pid {forked},", timeout=30)
-        out = wait_for_text(log, f"end of {HEADER} 1", timeout=30)
-        assert thread_stack(dump(out, 1, forked), "MainThread")[-2].endswith("in waiting_child")
+        dumps = wait_for_text(err, f"end of {HEADER} 1\n", timeout=30)
+        assert thread_stack(dump(dumps, 1, forked), "MainThread")[-2].endswith("in waiting_child")
 
         assert threads_taking_usr2(spawned) == []  # blocked, inherited through exec; no handler to run
         os.kill(spawned, signal.SIGUSR2)
         time.sleep(1)
-        assert f"pid {spawned}," not in log.read_text()  # no dump, and it lives on (exit code 0 below)
+        assert f"pid {spawned}," not in err.read_text()  # no dump, and it lives on (exit code 0 below)
     finally:
         stop([parent], release)
-    out = log.read_text()
-    assert parent.returncode == 0, out[-4000:]
-    assert "fork child exit code 0" in out and "spawn child exit code 0" in out, out[-4000:]
+    assert parent.returncode == 0, err.read_text()[-4000:]
+    assert "fork child exit code 0" in out.read_text() and "spawn child exit code 0" in out.read_text()

@@ -1,6 +1,6 @@
 """Processes for tests/test_stack_dumps.py, with stack dumps on SIGUSR2 as the launch scripts set them up.
 
-usage: stack_dumps.py collective RELEASE       (2 ranks) rank 1 joins the all_reduce only once RELEASE exists
+usage: stack_dumps.py collective RELEASE       (any ranks) the last one joins the all_reduce once RELEASE exists
        stack_dumps.py collective-late RELEASE  the same with the mask set after `import numpy` (console scripts)
        stack_dumps.py children RELEASE         a forked and a spawned child print their pids and wait for RELEASE
 """
@@ -32,7 +32,7 @@ def collective(release: Path) -> None:
     from ognet import dist
 
     info = dist.init_distributed(timeout_s=120)
-    if info.rank == 1:
+    if info.rank == info.world_size - 1:
         wait_for(release)
     print(f"rank {info.rank} enters all_reduce", flush=True)
     total = dist.all_reduce_sum(torch.ones(1))
