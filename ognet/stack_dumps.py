@@ -121,7 +121,9 @@ def format_stack_dump(number: int) -> str:
 def write_stack_dump() -> None:
     """Format the dump and write it to the process's stderr in one write (os.write: no Python I/O
     lock that a stuck thread could hold; a dump over the pipe's 4 KiB atomic size may still
-    interleave with another process's output)."""
+    interleave with another process's output). Not through the `ognet` log channel: its terminal
+    handler writes to the same stderr (every dump twice), and its lock may be held by the thread
+    that is stuck."""
     global _count
     with _lock:
         _count += 1
