@@ -9,16 +9,19 @@ they fail.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from data_fixtures import tiny_shards  # noqa: F401  (fixture)
@@ -128,13 +131,30 @@ def wait_until_ended(env: dict, job_id: str, log: Path, timeout: float) -> dict[
     deadline = time.monotonic() + timeout
     while (state := job(env, job_id))["JobState"] not in ENDED:
         if time.monotonic() > deadline:
-            # Every thread's stack into the job's log (ognet.monitor.enable_stack_dumps): where it hangs.
-            subprocess.run(["pkill", "-USR2", "-f", "--", r"-u .*launch/(train|evaluate)\.py"], timeout=30)
+            # Every thread's stack into the job's log (ognet.stack_dumps): where it hangs.
+            for pid in rank_pids(env, job_id):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGUSR2)
             time.sleep(3)
             subprocess.run(["scancel", job_id], env=env, timeout=30)
             raise AssertionError(f"job {job_id} not done after {timeout} s ({state})\n{read(log)[-30000:]}")
         time.sleep(0.5)
     return state
+
+
+def rank_pids(env: dict, job_id: str) -> list[int]:
+    """The training or evaluation processes of a job on this node: of the pids of its steps
+    (`scontrol listpids`), those torchrun started (torchrun itself would die of USR2)."""
+    proc = subprocess.run(["scontrol", "listpids", job_id], env=env, capture_output=True, text=True, timeout=30)
+    pids = [int(row.split()[0]) for row in proc.stdout.splitlines() if row.split() and row.split()[0].isdigit()]
+    ranks = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            parent = psutil.Process(pid).parent()
+            launcher = [Path(arg).name for arg in parent.cmdline()[:2]] if parent is not None else []
+            if len(launcher) == 2 and launcher[0].startswith("python") and launcher[1] == "torchrun":
+                ranks.append(pid)  # not srun's own processes, whose command lines name torchrun too
+    return ranks
 
 
 def wait_for_line(env: dict, job_id: str, log: Path, text: str, timeout: float) -> None:
