@@ -17,11 +17,11 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def commit() -> str:
-    """The short commit measured, with `+changes` when the working tree differs from it."""
+def commit(tree: Path = ROOT) -> str:
+    """The short commit of `tree` measured, with `+changes` when its working tree differs from it."""
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=tree, capture_output=True, text=True).stdout.strip()
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
     return f"{head}+changes" if git("status", "--porcelain", "--untracked-files=no") else head

@@ -29,7 +29,7 @@ from test_train import TRAIN, assert_same_weights, train_args
 from ognet.checkpoint import checkpoint_steps, load_checkpoint
 from ognet.stack_dumps import HEADER
 
-pytestmark = [pytest.mark.slow, pytest.mark.serial]
+pytestmark = pytest.mark.slow
 
 # A store per restart: see ognet.dist._warn_about_shared_store_restarts.
 TORCHRUN_ENV = clean_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
@@ -159,6 +159,7 @@ def test_fifty_stack_dumps_leave_a_training_run_bit_identical(tiny_shards, tmp_p
     assert_same_weights(uninterrupted / "model_last.pt", run_dir / "model_last.pt")
 
 
+@pytest.mark.serial  # a wall-clock bound: run alone (tests/run.sh)
 def test_a_stopped_rank_makes_the_others_fail_naming_the_collective(tiny_shards, tmp_path):
     timeout = 5
     run = Run(torchrun_cmd(tiny_shards, tmp_path / "run", f"train.collective_timeout_s={timeout}", "train.epochs=3"))
