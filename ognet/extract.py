@@ -9,8 +9,8 @@ and padding (`ognet.evaluate.embed`), so with the same `eval.batch_size` the num
 
 writes `DIR/features.npy` (N, 512) float32, `DIR/names.txt` (one cloud per line, the row order),
 `DIR/extract.json` (checkpoint, model and test-time options) and `DIR/pytorch_result.mat` (the
-original's keys `<set>_f`, `<set>_label`, `<set>_cam`; `--mat-set query|gallery`, merged into an
-existing file so that two runs make the file the original's evaluate_gpu.py reads). With
+original's keys `<set>_f`, `<set>_label`, `<set>_cam`; `--mat-set query|gallery`; `--mat FILE` merges
+into an existing file, so that two runs make the file the original's evaluate_gpu.py reads). With
 `--gallery`, `DIR/ranking.txt` lists each cloud's top-k gallery names and cosine similarities.
 """
 
@@ -57,11 +57,11 @@ def load_model(checkpoint: str | os.PathLike, device: torch.device | str | None 
     return evaluate.load_model(checkpoint, device or default_device()).eval()
 
 
-def _source(cloud: Cloud, i: int) -> str:
+def cloud_source(cloud: Cloud, i: int) -> str:
     return str(cloud) if isinstance(cloud, (str, os.PathLike)) else f"clouds[{i}]"
 
 
-class _TestClouds(Dataset):
+class TestClouds(Dataset):
     """Clouds read (files) or checked (arrays) and test-transformed, as `EvalSet` does for a split."""
 
     def __init__(self, clouds: Sequence[Cloud], config: TransformConfig, min_points: int):
@@ -74,7 +74,7 @@ class _TestClouds(Dataset):
         """The test-transformed cloud, or its DataError (returned, not raised: a DataLoader worker would
         bury the message in a traceback; the main process raises it)."""
         try:
-            return self._load(self.clouds[i], _source(self.clouds[i], i))
+            return self._load(self.clouds[i], cloud_source(self.clouds[i], i))
         except DataError as e:
             return e
 
@@ -94,7 +94,9 @@ class _TestClouds(Dataset):
         return torch.from_numpy(xyz), torch.from_numpy(rgb)
 
 
-def _batches(items: Iterator[tuple[torch.Tensor, torch.Tensor] | DataError], size: int) -> Iterator[list[tuple]]:
+def same_count_batches(
+    items: Iterator[tuple[torch.Tensor, torch.Tensor] | DataError], size: int
+) -> Iterator[list[tuple]]:
     """Consecutive clouds, at most `size` per batch; a cloud of another point count starts a new batch
     (in eval mode a feature does not depend on its batch)."""
     batch: list[tuple] = []
@@ -125,12 +127,12 @@ def extract_features(
     config = config or Config()
     model.eval()
     device = next(model.parameters()).device
-    dataset = _TestClouds(clouds, eval_transforms(config.data), model.config.k)
+    dataset = TestClouds(clouds, eval_transforms(config.data), model.config.k)
     workers = config.data.num_workers if num_workers is None else num_workers
     loader = DataLoader(dataset, batch_size=None, num_workers=min(workers, len(clouds)))
     features = []
     with tqdm(total=len(clouds), desc="features", unit="cloud", disable=not progress, leave=False) as bar:
-        for batch in _batches(iter(loader), config.eval.batch_size):
+        for batch in same_count_batches(iter(loader), config.eval.batch_size):
             xyz, rgb = (torch.stack(t).to(device) for t in zip(*batch))
             features.append(evaluate.embed(model, xyz, rgb, config).cpu())
             bar.update(len(batch))
@@ -247,7 +249,7 @@ def extract_command(config: Config, args: argparse.Namespace) -> None:
         f.write("".join(name + "\n" for name in names))
     with atomic_write(out / "extract.json", "w") as f:
         json.dump({**info, "clouds": str(args.clouds), "count": len(names)}, f, indent=1)
-    _write_mat(out / "pytorch_result.mat", features, names, args.mat_set)
+    _write_mat(Path(args.mat) if args.mat else out / "pytorch_result.mat", features, names, args.mat_set)
     if args.gallery:
         write_ranking(out / "ranking.txt", features, names, Path(args.gallery), info, args.top)
     log.info(f"{features.shape} features written to {out}")
@@ -261,6 +263,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument("--clouds", required=True, help="a folder of point files, or a file listing one per line")
         parser.add_argument("--out", required=True, help="folder for features.npy, names.txt, pytorch_result.mat")
         parser.add_argument("--mat-set", choices=MAT_SETS, default="query", help="key prefix in pytorch_result.mat")
+        parser.add_argument(
+            "--mat", help="the .mat file (default OUT/pytorch_result.mat); an existing one keeps its keys"
+        )
         parser.add_argument("--gallery", help="features.npy of an earlier ognet-extract: rank against it")
         parser.add_argument("--top", type=int, default=10, help="gallery items per cloud in ranking.txt")
 

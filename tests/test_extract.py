@@ -84,24 +84,27 @@ def test_clouds_of_different_point_counts_are_batched_apart(checkpoint, tiny_roo
 def test_command_writes_npy_mat_and_ranks_against_a_gallery(evaluated, checkpoint, eval_config, tiny_root, tmp_path):
     scipy_io = require("scipy.io", "ognet-extract writes the original's pytorch_result.mat with scipy")
     want_q, want_g = features(evaluated(0)[0])
-    gallery = extract(tmp_path, eval_config, checkpoint, tiny_root / "gallery", "--mat-set", "gallery")
+    mat_file = tmp_path / "pytorch_result.mat"  # both runs write their set into it, as the original's test does
+    gallery = extract(tmp_path, eval_config, checkpoint, tiny_root / "gallery", "--mat-set", "gallery", "--mat", str(mat_file))  # fmt: skip
     listing = tmp_path / "queries.txt"  # a list file, relative to its folder
     q_names = list_clouds(tiny_root / "query")[1]
     listing.write_text("".join(f"{tiny_root.name}/query/{n}\n" for n in q_names))
     (tmp_path / tiny_root.name).symlink_to(tiny_root, target_is_directory=True)
-    query = extract(
-        tmp_path, eval_config, checkpoint, listing, "--gallery", str(gallery / "features.npy"), "--top", "3"
-    )
+    ranked = ("--gallery", str(gallery / "features.npy"), "--top", "3")
+    query = extract(tmp_path, eval_config, checkpoint, listing, *ranked, "--mat", str(mat_file))
 
     np.testing.assert_array_equal(np.load(gallery / "features.npy"), want_g)
     np.testing.assert_array_equal(np.load(query / "features.npy"), want_q)
     g_names = (gallery / "names.txt").read_text().splitlines()
     assert g_names == list_clouds(tiny_root / "gallery")[1]
     samples = scan_split(tiny_root, "gallery")
-    mat = scipy_io.loadmat(gallery / "pytorch_result.mat")
+    mat = scipy_io.loadmat(mat_file)
     np.testing.assert_array_equal(mat["gallery_f"], want_g)
+    np.testing.assert_array_equal(mat["query_f"], want_q)
     assert mat["gallery_label"].ravel().tolist() == [s.pid for s in samples]
     assert mat["gallery_cam"].ravel().tolist() == [s.camid for s in samples]
+    assert mat["query_label"].ravel().tolist() == [s.pid for s in scan_split(tiny_root, "query")]
+    assert not (gallery / "pytorch_result.mat").exists()
 
     lines = (query / "ranking.txt").read_text().splitlines()  # against an independent top-3
     scores = want_q.astype(np.float64) @ want_g.astype(np.float64).T
