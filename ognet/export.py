@@ -31,7 +31,7 @@ from ognet.config import Config
 from ognet.data.transforms import TransformConfig
 from ognet.errors import ConfigError, DataError
 from ognet.evaluate import pad_batch, test_views
-from ognet.extract import Cloud, TestClouds, cloud_source, load_model, same_count_batches
+from ognet.extract import Cloud, CloudSet, cloud_source, comparable, load_model, same_count_batches
 from ognet.model import OGNet, PointOps, using_point_ops
 from ognet.model.ops import FPS_MIN_SQUARED_NORM
 
@@ -93,7 +93,8 @@ def example_inputs(batch: int, points: int, seed: int = 0) -> tuple[Tensor, Tens
 
 def export_model(model: OGNet, out: str | os.PathLike, config: Config, file_points: int, batch: int = 1) -> dict:
     """Write `out` (.onnx or .pt2) for clouds of `file_points` points, `batch` per call; returns its
-    metadata. CPU, float32, eval mode."""
+    metadata (with `comparable`: ognet-extract compares its features with eager ones). CPU,
+    float32, eval mode."""
     out = Path(out)
     if out.suffix not in FORMATS:
         raise ConfigError(f"{out}: unknown export format {out.suffix!r}; expected one of {sorted(FORMATS)}")
@@ -109,10 +110,9 @@ def export_model(model: OGNet, out: str | os.PathLike, config: Config, file_poin
         "points": points,
         "file_points": file_points,
         "slim": config.data.slim,
-        "scales": list(config.eval.scales),
-        "flip": config.eval.flip,
         "k": model.config.k,
         "embedding_dim": model.config.embedding_dim,
+        **comparable(model, config),
     }
     inputs = example_inputs(batch, points)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -153,7 +153,7 @@ class ExportedModel:
         return torch.from_numpy(self._session.run(None, {"xyz": xyz.numpy(), "rgb": rgb.numpy()})[0])
 
 
-def _checked(dataset: TestClouds, clouds: Sequence[Cloud], exported: ExportedModel) -> Iterator:
+def _checked(dataset: CloudSet, clouds: Sequence[Cloud], exported: ExportedModel) -> Iterator:
     """The dataset's items, a cloud of another point count than the export's replaced by its DataError."""
     m = exported.meta
     for i in range(len(dataset)):
@@ -170,7 +170,7 @@ def exported_features(exported: ExportedModel, clouds: Sequence[Cloud]) -> Tenso
     """(N, embedding_dim) features of `clouds` (files or (xyz, rgb) arrays) by an exported model, with
     the test transform it was exported with; a cloud of another point count is a DataError naming it."""
     m = exported.meta
-    dataset = TestClouds(clouds, TransformConfig(slim=m["slim"]), m["k"])
+    dataset = CloudSet(clouds, TransformConfig(slim=m["slim"]), m["k"])
     features = []
     for batch in same_count_batches(_checked(dataset, clouds, exported), m["batch"]):
         xyz, rgb = pad_batch(*(torch.stack(t) for t in zip(*batch)), m["batch"])

@@ -61,7 +61,7 @@ def cloud_source(cloud: Cloud, i: int) -> str:
     return str(cloud) if isinstance(cloud, (str, os.PathLike)) else f"clouds[{i}]"
 
 
-class TestClouds(Dataset):
+class CloudSet(Dataset):
     """Clouds read (files) or checked (arrays) and test-transformed, as `EvalSet` does for a split."""
 
     def __init__(self, clouds: Sequence[Cloud], config: TransformConfig, min_points: int):
@@ -123,11 +123,11 @@ def extract_features(
     """(N, embedding_dim) float32 test features of `clouds` on the CPU, row i for clouds[i], computed
     on the model's device in batches of `eval.batch_size`, with `data.slim`, `eval.scales` and
     `eval.flip` of `config` (default: the defaults, as ognet-eval's). Files are read by
-    `num_workers` DataLoader workers (default `data.num_workers`)."""
+    `num_workers` DataLoader workers (default `data.num_workers`). Leaves the model in eval mode."""
     config = config or Config()
     model.eval()
     device = next(model.parameters()).device
-    dataset = TestClouds(clouds, eval_transforms(config.data), model.config.k)
+    dataset = CloudSet(clouds, eval_transforms(config.data), model.config.k)
     workers = config.data.num_workers if num_workers is None else num_workers
     loader = DataLoader(dataset, batch_size=None, num_workers=min(workers, len(clouds)))
     features = []
@@ -193,11 +193,28 @@ def _write_mat(path: Path, features: np.ndarray, names: list[str], mat_set: str)
         scipy.io.savemat(f, held)
 
 
-def run_info(checkpoint: str | os.PathLike, model: OGNet, config: Config) -> dict[str, Any]:
-    """What makes two feature files comparable: the model (its classifier aside) and the test-time options."""
+def comparable(model: OGNet, config: Config) -> dict[str, Any]:
+    """What makes two feature files comparable: the model (its classifier aside) and the test-time
+    options. Exported models carry it (ognet.export)."""
     spec = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(model.config).items() if k != "num_classes"}
     test_time = {"slim": config.data.slim, "scales": list(config.eval.scales), "flip": config.eval.flip}
-    return {"checkpoint": str(Path(checkpoint).resolve()), "model": spec, "test_time": test_time}
+    return {"model": spec, "test_time": test_time}
+
+
+def _features(checkpoint: str, paths: list[Path], config: Config) -> tuple[np.ndarray, dict[str, Any]]:
+    """Features and extract.json info of an ognet checkpoint, or of a model exported by ognet-export (.onnx, .pt2:
+    its own test-time options apply)."""
+    if Path(checkpoint).suffix in (".onnx", ".pt2"):
+        from ognet.export import ExportedModel, exported_features  # ognet.export imports this module
+
+        exported = ExportedModel(checkpoint)
+        log.info(f"{len(paths)} clouds, exported model {checkpoint} ({exported.meta['format']}, CPU)")
+        info = {"checkpoint": str(Path(checkpoint).resolve()), **{k: exported.meta[k] for k in ("model", "test_time")}}
+        return exported_features(exported, paths).numpy(), info
+    model = load_model(checkpoint)
+    log.info(f"{len(paths)} clouds, model {checkpoint} on {next(model.parameters()).device}")
+    info = {"checkpoint": str(Path(checkpoint).resolve()), **comparable(model, config)}
+    return extract_features(model, paths, config).numpy(), info
 
 
 def load_gallery(path: Path, info: dict[str, Any]) -> tuple[np.ndarray, list[str]]:
@@ -238,10 +255,7 @@ def extract_command(config: Config, args: argparse.Namespace) -> None:
     paths, names = list_clouds(args.clouds)
     if args.gallery and args.top < 1:
         raise ConfigError(f"--top must be >= 1, got {args.top}")
-    model = load_model(args.checkpoint)
-    info = run_info(args.checkpoint, model, config)
-    log.info(f"{len(paths)} clouds from {args.clouds}, model {args.checkpoint} on {next(model.parameters()).device}")
-    features = extract_features(model, paths, config).numpy()
+    features, info = _features(args.checkpoint, paths, config)
     out = Path(args.out)
     with atomic_write(out / "features.npy") as f:
         np.save(f, features)
@@ -259,7 +273,9 @@ def main(argv: list[str] | None = None) -> None:
     """`ognet-extract --checkpoint FILE --clouds FOLDER|LIST --out DIR [--gallery FEATURES.npy] [key=value ...]`."""
 
     def arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--checkpoint", required=True, help="ognet checkpoint (model_last.pt, or imported)")
+        parser.add_argument(
+            "--checkpoint", required=True, help="ognet checkpoint (model_last.pt, or imported), or .onnx/.pt2"
+        )
         parser.add_argument("--clouds", required=True, help="a folder of point files, or a file listing one per line")
         parser.add_argument("--out", required=True, help="folder for features.npy, names.txt, pytorch_result.mat")
         parser.add_argument("--mat-set", choices=MAT_SETS, default="query", help="key prefix in pytorch_result.mat")

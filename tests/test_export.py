@@ -26,7 +26,8 @@ from ognet.config import load_config
 from ognet.data.transforms import TransformConfig
 from ognet.errors import ConfigError, DataError
 from ognet.export import ExportedModel, export_model, exported_features, fps_scan
-from ognet.extract import TestClouds, list_clouds
+from ognet.extract import CloudSet, list_clouds
+from ognet.extract import main as extract_main
 from ognet.model.ops import farthest_point_sample, knn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -85,7 +86,7 @@ def test_onnx_knn_differs_from_eager_only_at_near_ties(tiny_root, tmp_path):
     breaks exact ties by the lower index and its MatMul rounds differently, so where the k-th and
     (k+1)-th neighbour scores (nearly) tie another neighbour is picked; every other row agrees."""
     ort = require("onnxruntime", "the ONNX graph is run with onnxruntime (the export extra)")
-    clouds = TestClouds(list_clouds(tiny_root / "query")[0][:4], TransformConfig(slim=0.5), 4)
+    clouds = CloudSet(list_clouds(tiny_root / "query")[0][:4], TransformConfig(slim=0.5), 4)
     x = torch.stack([clouds[i][0] for i in range(4)]).transpose(1, 2).contiguous()  # (4, 3, 256)
     k = 4
     program = torch.onnx.export(KNN(k), (x,), input_names=["x"], dynamo=True)
@@ -126,3 +127,32 @@ def test_unknown_format_and_missing_file_are_named(checkpoint, tmp_path):
         export_model(model, tmp_path / "model.trt", load_config(None, []), 512)
     with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'none.onnx'}: exported model does not exist")):
         ExportedModel(tmp_path / "none.onnx")
+
+
+@pytest.mark.slow
+def test_extract_command_runs_an_exported_model(exported, checkpoint, tiny_root, tmp_path, capsys):
+    """ognet-extract --checkpoint model.pt2: the exported model's features, ranked against a gallery
+    that the eager model extracted (same model and test-time options, so they compare); a cloud of
+    another point count is an error naming it."""
+    clouds = tmp_path / "clouds.txt"
+    paths = list_clouds(tiny_root / "query")[0][:3]
+    clouds.write_text("".join(f"{p}\n" for p in paths))
+    common = ("--clouds", str(clouds), *CONFIG)
+    extract_main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "eager"), *common])
+    gallery = ("--gallery", str(tmp_path / "eager/features.npy"))
+    extract_main(["--checkpoint", str(exported["pt2"]), "--out", str(tmp_path / "pt2"), *gallery, *common])
+    got = np.load(tmp_path / "pt2/features.npy")
+    np.testing.assert_array_equal(got, exported_features(ExportedModel(exported["pt2"]), paths).numpy())
+    np.testing.assert_allclose(got, np.load(tmp_path / "eager/features.npy"), rtol=0, atol=1e-4)
+    first = [line.split("\t")[1].split(" ")[0] for line in (tmp_path / "pt2/ranking.txt").read_text().splitlines()]
+    assert first == [str(p) for p in paths]  # each cloud finds itself first
+
+    other = tmp_path / "600.npy"
+    rng = np.random.default_rng(0)
+    np.save(other, np.hstack([rng.normal(size=(600, 3)), rng.uniform(0, 1, (600, 3))]).astype(np.float32))
+    clouds.write_text(f"{paths[0]}\n{other}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        extract_main(["--checkpoint", str(exported["pt2"]), "--out", str(tmp_path / "bad"), *common])
+    assert f"ognet-extract: error: {other}: 300 points after data.slim=0.5, but {exported['pt2']} takes 256" in str(
+        exit_info.value.code
+    )
