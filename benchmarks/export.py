@@ -22,7 +22,7 @@ import torch
 from common import cpu_model
 
 from ognet.config import Config
-from ognet.export import ExportedModel, TestFeatures, example_inputs, export_model
+from ognet.export import ExportedModel, FeatureModule, example_inputs, export_model
 from ognet.model import build_model
 
 
@@ -51,7 +51,7 @@ def main() -> None:
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = args.threads
     paths["onnx"]._session = onnxruntime.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])  # fmt: skip
-    eager = TestFeatures(model, config.eval.scales, config.eval.flip)
+    eager = FeatureModule(model, config.eval.scales, config.eval.flip)
     xyz, rgb = example_inputs(1, paths["onnx"].meta["points"])
     runs = {"eager": lambda: eager(xyz, rgb), "onnxruntime": lambda: paths["onnx"](xyz, rgb), "torch.export .pt2": lambda: paths["pt2"](xyz, rgb)}  # fmt: skip
     times: dict[str, list[float]] = {name: [] for name in runs}

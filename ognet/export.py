@@ -17,6 +17,7 @@ m iterations, the same picks (`fps_scan`). The default ops are not changed.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -70,7 +71,7 @@ def fps_scan(xyz: Tensor, m: int) -> Tensor:
 EXPORT_OPS = PointOps(farthest_point_sample=fps_scan)
 
 
-class TestFeatures(nn.Module):
+class FeatureModule(nn.Module):
     """Transformed clouds (B, P, 3) x 2 -> L2-normalised test features (B, embedding_dim), every
     test-time view in one forward (in eval mode a feature does not depend on its batch)."""
 
@@ -103,7 +104,9 @@ def export_model(model: OGNet, out: str | os.PathLike, config: Config, file_poin
         raise ConfigError(
             f"--points {file_points} (x data.slim) and --batch {batch} leave no cloud for k={model.config.k}"
         )
-    module = TestFeatures(model.cpu().float(), config.eval.scales, config.eval.flip)
+    module = FeatureModule(
+        copy.deepcopy(model).cpu().float(), config.eval.scales, config.eval.flip
+    )  # the caller keeps its model
     meta = {
         "format": FORMATS[out.suffix],
         "batch": batch,
@@ -183,7 +186,7 @@ def check_export(model: OGNet, exported: ExportedModel, config: Config) -> float
     m = exported.meta
     xyz, rgb = example_inputs(m["batch"], m["points"], seed=1)
     with torch.no_grad():
-        eager = TestFeatures(model, config.eval.scales, config.eval.flip)(xyz, rgb)
+        eager = FeatureModule(model, config.eval.scales, config.eval.flip)(xyz, rgb)
     diff = float((exported(xyz, rgb) - eager).abs().max())
     if not diff <= TOLERANCE:
         raise ConfigError(f"{exported.path}: exported features differ from eager ones by {diff:.3g} > {TOLERANCE}")
