@@ -89,7 +89,7 @@ def test_onnx_knn_differs_from_eager_only_at_near_ties(tiny_root, tmp_path):
     clouds = CloudSet(list_clouds(tiny_root / "query")[0][:4], TransformConfig(slim=0.5), 4)
     x = torch.stack([clouds[i][0] for i in range(4)]).transpose(1, 2).contiguous()  # (4, 3, 256)
     k = 4
-    program = torch.onnx.export(KNN(k), (x,), input_names=["x"], dynamo=True)
+    program = torch.onnx.export(KNN(k).eval(), (x,), input_names=["x"], dynamo=True)
     program.save(tmp_path / "knn.onnx")
     got = torch.from_numpy(ort.InferenceSession(str(tmp_path / "knn.onnx")).run(None, {"x": x.numpy()})[0])
     want = knn(x, k)
