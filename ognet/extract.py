@@ -17,6 +17,7 @@ into an existing file, so that two runs make the file the original's evaluate_gp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -125,6 +126,10 @@ def extract_features(
     `eval.flip` of `config` (default: the defaults, as ognet-eval's). Files are read by
     `num_workers` DataLoader workers (default `data.num_workers`). Leaves the model in eval mode."""
     config = config or Config()
+    # ognet-eval pads a short last batch to eval.batch_size (same bits on any world size); fewer clouds
+    # than that need no more than their own count: one cloud would otherwise cost eval.batch_size forwards
+    size = max(1, min(config.eval.batch_size, len(clouds)))
+    config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, batch_size=size))
     model.eval()
     device = next(model.parameters()).device
     dataset = CloudSet(clouds, eval_transforms(config.data), model.config.k)
