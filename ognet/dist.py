@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,7 @@ import torch.distributed as dist
 from ognet.errors import ConfigError, OgnetError
 
 F = TypeVar("F", bound=Callable)
+SyncBN = Literal["auto"] | bool  # train.sync_bn
 _timeout_s: float | None = None  # of the process group this process joined
 
 
@@ -380,6 +381,11 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
                 running.lerp_(value.to(running.dtype), 1.0 / self.num_batches_tracked.to(running.dtype))
             else:
                 running.lerp_(value.to(running.dtype), self.momentum)
+
+
+def sync_bn_enabled(setting: SyncBN, world_size: int) -> bool:
+    """train.sync_bn: "auto" synchronises BatchNorm when there is more than one rank."""
+    return world_size > 1 if setting == "auto" else bool(setting)
 
 
 def convert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:

@@ -100,7 +100,14 @@ class DDPEngine:
         self.optimizer = make_optimizer(model, config, fused=True)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         ids = [info.device.index] if info.device.type == "cuda" else None
-        self.model = nn.parallel.DistributedDataParallel(model, device_ids=ids) if info.backend else model
+        # Synchronised BatchNorm keeps the statistics equal on every rank: no broadcast of rank 0's
+        # buffers before each forward (one collective per step saved).
+        broadcast = not dist.sync_bn_enabled(config.train.sync_bn, info.world_size)
+        self.model = (
+            nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=broadcast)
+            if info.backend
+            else model
+        )
         self.stateful: dict[str, Stateful] = {"optimizer": self.optimizer}
         if self.scaler is not None:
             self.stateful["scaler"] = self.scaler
