@@ -297,42 +297,72 @@ def all_gather_uneven(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([o[:n] for o, n in zip(out, lengths)])
 
 
-class _AllReduceWithGrad(torch.autograd.Function):
-    """Forward: sum over ranks. Backward: sum the gradients over ranks too, so each rank's input gets
-    the gradient of the sum of all ranks' losses (the rule of `_AllGatherWithGrad`)."""
+def _local_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's mean and biased variance per channel (float64), by torch's fused BatchNorm kernel
+    (one pass over x and one written output; reductions over (N, *) by hand are several times slower
+    on CPU). bf16/fp16 input is read in float32."""
+    xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    _, mean, invstd = torch.native_batch_norm(xs, None, None, None, None, True, 0.0, 0.0)  # eps 0: invstd^-2 = var
+    return mean.double(), invstd.double().pow(-2)
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """Forward: the global statistics from one all-reduce of (sum, sum of squares, count) per channel,
+    then torch's BatchNorm kernel in eval form with them. Backward: torch's kernel gives the local
+    sums of dy and dy * (x - mean) with the weight's and bias's gradients; one all-reduce makes them
+    global, and the input's gradient gets the two terms that the global statistics add."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous().clone()
-        dist.all_reduce(x)
-        return x
+    def forward(ctx, x, weight, bias, eps: float):  # type: ignore[override]
+        mean, var = _local_stats(x)
+        n, channels = x.numel() // x.shape[1], x.shape[1]
+        total = torch.cat([n * mean, n * (var + mean * mean), mean.new_full((1,), n)])
+        dist.all_reduce(total)
+        count = total[-1]
+        mean = total[:channels] / count
+        var = (total[channels:-1] / count - mean * mean).clamp(min=0)
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        mean_, var_ = mean.to(dtype), var.to(dtype)
+        y = torch.nn.functional.batch_norm(x, mean_, var_, weight, bias, False, 0.0, eps)
+        ctx.save_for_backward(x, weight, mean_, var_, count)
+        ctx.eps = eps
+        ctx.mark_non_differentiable(mean, var, count)
+        return y, mean, var, count
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad
-
-
-def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Sum of `x` over ranks that gradients flow back through (summed over ranks as well)."""
-    if not _active():
-        return x
-    return _AllReduceWithGrad.apply(x)
+    def backward(ctx, dy, _mean, _var, _count):  # type: ignore[override]
+        x, weight, mean, var, count = ctx.saved_tensors
+        dy = dy.contiguous()
+        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            dy, x, weight, mean, var, None, None, False, ctx.eps, [True, True, True]
+        )  # eval form: grad_x = dy * weight * invstd; grad_w = sum(dy * xhat), grad_b = sum(dy) over this rank
+        invstd = torch.rsqrt(var + ctx.eps)
+        sums = torch.cat([grad_b.to(mean.dtype), grad_w.to(mean.dtype)])
+        dist.all_reduce(sums)
+        sum_dy, sum_dy_xhat = sums.chunk(2)
+        scale = invstd if weight is None else invstd * weight.to(mean.dtype)
+        slope = -scale * invstd * sum_dy_xhat / count  # grad_x -= scale * (sum_dy + xhat * sum_dy_xhat) / count
+        offset = -scale * sum_dy / count - slope * mean
+        shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+        grad_x.add_(offset.view(shape).to(grad_x.dtype)).addcmul_(
+            x, slope.view(shape).to(x.dtype)
+        )  # 2 passes, in place
+        needs = ctx.needs_input_grad
+        return grad_x, grad_w if needs[1] else None, grad_b if needs[2] else None, None
 
 
 class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics are those of the global batch, on gloo and nccl alike.
 
-    torch's SyncBatchNorm needs CUDA kernels; this one is plain PyTorch. In training mode with a
-    process group of more than one rank, each rank packs per channel the count, sum and sum of
-    squares of its input and sums them over the ranks: one all-reduce of 2C+1 float64 values per
-    layer per forward and one per backward (about 0.1 ms each on gloo over loopback), no host read.
-    The packed values come from each rank's two-pass float32 (float64) mean and variance and are
-    combined in float64, so a mean far from zero does not cancel the variance away. N ranks x B/N
-    then give the statistics, loss and gradients of 1 x B, and every rank updates its running
-    statistics alike. Otherwise (eval mode, one process) it is torch's BatchNorm. Every rank must
-    run the same layers in the same order, as for any collective.
+    torch's SyncBatchNorm needs CUDA kernels; this one uses torch's BatchNorm kernels of every device.
+    In training mode with a process group of more than one rank, each rank's count, sum and sum of
+    squares per channel (from its float32 (float64) mean and variance, combined in float64 so that a
+    mean far from zero does not cancel the variance away) are summed over the ranks: one all-reduce
+    of 2C+1 values per layer per forward and one of 2C per backward, no host read; the arithmetic
+    adds about one pass over the input to each direction. N ranks x B/N then give the statistics,
+    loss and gradients of 1 x B, and every rank updates its running statistics alike. Otherwise
+    (eval mode, one process) it is torch's BatchNorm. Every rank must run the same layers in the same
+    order, as for any collective.
     """
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
@@ -344,30 +374,10 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         if not (self.training or self.running_mean is None) or not _active():
             return super().forward(x)
         with collective("BatchNorm statistics all-reduce"):
-            mean, var, count = self._global_stats(x)
+            y, mean, var, count = _SyncBatchNormFunction.apply(x, self.weight, self.bias, self.eps)
         if self.training and self.track_running_stats:
-            self._update_running_stats(mean.detach(), var.detach(), count.detach())
-        xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
-        scale = torch.rsqrt(var + self.eps).to(xs.dtype)
-        if self.weight is not None:
-            scale = scale * self.weight
-        # Centred before scaling (one more pass over x than x * scale + shift): otherwise the weight's
-        # gradient, sum(dy * x) - mean * sum(dy), cancels in float32 when the mean is large.
-        centred = xs - mean.to(xs.dtype).view(shape)
-        if self.bias is None:
-            return (centred * scale.view(shape)).to(x.dtype)
-        return torch.addcmul(self.bias.view(shape), centred, scale.view(shape)).to(x.dtype)
-
-    def _global_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mean, biased variance (float64) and count per channel over every rank's `x`."""
-        xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        var, mean = torch.var_mean(xs, [0, *range(2, x.dim())], correction=0)  # two passes over x
-        n, mean, var = xs.numel() // xs.shape[1], mean.double(), var.double()
-        total = all_reduce_with_grad(torch.cat([n * mean, n * (var + mean * mean), mean.new_full((1,), n)]))
-        count, channels = total[-1], x.shape[1]
-        mean = total[:channels] / count
-        return mean, (total[channels:-1] / count - mean * mean).clamp(min=0), count
+            self._update_running_stats(mean, var, count)
+        return y
 
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
