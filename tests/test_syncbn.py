@@ -64,4 +64,4 @@ def test_converting_a_model_keeps_its_state_dict_and_parameters(norm):
 @pytest.mark.slow
 def test_two_gloo_ranks_normalise_with_the_whole_batch_statistics():
     proc = torchrun("syncbn.py", 2, timeout=180)
-    assert proc.stdout.count("5 cases equal") == 2, proc.stdout
+    assert proc.stdout.count("6 cases equal") == 2, proc.stdout

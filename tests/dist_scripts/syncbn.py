@@ -17,20 +17,24 @@ CASES = [
     (nn.BatchNorm2d, (6, 4, 5, 3), 0.3, False, torch.float64, 0.0),
     (nn.BatchNorm2d, (8, 16, 33, 4), 0.1, True, torch.float32, 0.0),
     (nn.BatchNorm1d, (8, 16, 300), 0.9, True, torch.float32, 300.0),  # a mean 300 x the spread: float32 sums
+    (nn.BatchNorm2d, (8, 8, 9, 5), 0.1, True, torch.bfloat16, 1.0),  # autocast: bf16 input, float32 module
 ]
+# float32: the reference itself rounds x - mean; bfloat16: one rounding of the output is up to 8e-3
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 1e-2}
 
 
 def check_case(info: dist.DistInfo, norm: type, shape: tuple, momentum, affine: bool, dtype, offset: float) -> None:
     g = torch.Generator().manual_seed(len(shape) * 7 + shape[1])
-    reference = norm(shape[1], momentum=momentum, affine=affine, dtype=dtype)
+    module_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    reference = norm(shape[1], momentum=momentum, affine=affine, dtype=module_dtype)
     if affine:
         nn.init.normal_(reference.weight, 1.0, 0.3, generator=g)
         nn.init.normal_(reference.bias, 0.0, 0.3, generator=g)
-    synced = dist.convert_sync_batchnorm(norm(shape[1], momentum=momentum, affine=affine, dtype=dtype))
+    synced = dist.convert_sync_batchnorm(norm(shape[1], momentum=momentum, affine=affine, dtype=module_dtype))
     synced.load_state_dict(reference.state_dict())
     rows = shape[0] // info.world_size
     mine = slice(info.rank * rows, (info.rank + 1) * rows)
-    rtol = 1e-9 if dtype == torch.float64 else 1e-4  # float32: the reference itself rounds x - mean
+    rtol = TOLERANCE[dtype]
     for step in range(2):
         x = (torch.randn(shape, generator=g, dtype=dtype) * 2 + offset).requires_grad_()
         weights = torch.randn(shape, generator=g, dtype=dtype)
@@ -54,7 +58,7 @@ def check_case(info: dist.DistInfo, norm: type, shape: tuple, momentum, affine: 
         assert torch.equal(synced.num_batches_tracked, reference.num_batches_tracked), what
         same = dist.all_reduce_max(synced.running_var)  # every rank holds the same statistics, bit for bit
         assert torch.equal(same, synced.running_var), f"{what}: running_var differs between ranks"
-    plain = norm(shape[1], momentum=momentum, affine=affine, dtype=dtype)
+    plain = norm(shape[1], momentum=momentum, affine=affine, dtype=module_dtype)
     plain.load_state_dict(synced.state_dict())  # eval mode: torch's BatchNorm with the same statistics
     x = torch.randn(shape, generator=g, dtype=dtype) + offset
     assert torch.equal(synced.eval()(x), plain.eval()(x)), f"{norm.__name__}{shape}: eval differs"
