@@ -183,7 +183,7 @@ def test_a_stopped_rank_makes_the_others_fail_naming_the_collective(tiny_shards,
             run.kill()
     error = next(line for line in run.lines if "ognet-train: error:" in line)
     assert f"failed (timeout {timeout} s, train.collective_timeout_s)" in error, error
-    assert any(name in error for name in ("all_reduce_sum", "barrier", "backward")), error
+    assert any(name in error for name in ("all_reduce_sum", "barrier", "backward", "BatchNorm statistics")), error
 
 
 # A learning rate of 1e30: step 1's update leaves finite but huge weights, step 2's forward overflows.
