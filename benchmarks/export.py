@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import cpu_model
+from common import load_average, provenance
 
 from ognet.config import Config
 from ognet.export import ExportedModel, FeatureModule, example_inputs, export_model
@@ -67,17 +65,11 @@ def main() -> None:
 
 
 def report(args, load, export_s: dict, times: dict, diffs: dict) -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     base = statistics.median(times["eager"])
     lines = [
-        "# Export: eager against onnxruntime and torch.export, per cloud on CPU",
-        "",
-        f"Command: `python benchmarks/export.py --variant {args.variant} --points {args.points} --repeats {args.repeats} --threads {args.threads}`",
-        "",
-        f"- commit: {commit}",
-        f"- CPU: {cpu_model()}; cores {os.cpu_count()}; threads per path {args.threads}",
-        f"- python / torch / onnxruntime: {platform.python_version()} / {torch.__version__} / {__import__('onnxruntime').__version__}",
-        f"- load average (1, 5, 15 min) at start: {' '.join(f'{x:.2f}' for x in load)}; at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        *provenance("Export: eager against onnxruntime and torch.export, per cloud on CPU"),
+        f"- threads per path {args.threads}; onnxruntime {__import__('onnxruntime').__version__}",
+        f"- load average (1, 5, 15 min) at start: {' '.join(f'{x:.2f}' for x in load)}; at end: {load_average()}",
         f"- model: {args.variant}, 751 classes, random weights; batch 1 cloud of {args.points} points, {args.points // 2} after data.slim=0.5; test feature f(xyz) + f(1.1 xyz), both views in one forward",
         f"- export time (tracing, and for ONNX the translation): .pt2 {export_s['pt2']:.0f} s, .onnx {export_s['onnx']:.0f} s",
         f"- medians of {args.repeats} interleaved runs after one warm-up run",
