@@ -60,16 +60,27 @@ class MaxMeanPool(nn.Module):
         super().__init__()
         self.p = nn.Parameter(torch.zeros(1))
 
+    uses_mean = True
+
     def forward(self, x: Tensor) -> Tensor:
+        return self.combine(max_last(x), x.mean(dim=-1))
+
+    def combine(self, maximum: Tensor, mean: Tensor) -> Tensor:
+        """The pooled value from the max and the mean over the neighbours (EdgeConv's fused path)."""
         w = torch.sigmoid(self.p)
-        return w * max_last(x) + (1 - w) * x.mean(dim=-1)
+        return w * maximum + (1 - w) * mean
 
 
 class MaxPool(nn.Module):
     """Max over the last dim: the aggregation without `--gem`."""
 
+    uses_mean = False
+
     def forward(self, x: Tensor) -> Tensor:
         return max_last(x)
+
+    def combine(self, maximum: Tensor, mean: Tensor | None) -> Tensor:
+        return maximum
 
 
 class SqueezeExcite(nn.Module):
