@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ognet.config import load_config
 from ognet.errors import ConfigError
 from ognet.model import VARIANTS, build_model, ops
 from ognet.model.blocks import MaxMeanPool, MaxPool, PointwiseConv, edge_features
@@ -208,3 +209,11 @@ def test_bf16_autocast_runs_the_fused_path():
         out = model(xyz, rgb)
     F.cross_entropy(out.logits.float(), torch.tensor([0, 1])).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_config_key_reaches_the_model_and_the_override_is_refused():
+    config = load_config(None, ["model.edge_conv=edge_tensor"])
+    assert build_model(config.model.variant, 10, **config.model.options()).config.edge_conv == "edge_tensor"
+    assert load_config(None, []).model.options() == {"edge_conv": "fused"}
+    with pytest.raises(ConfigError, match="model.edge_conv"):
+        load_config(None, ["model.overrides={edge_conv: gather}"])
