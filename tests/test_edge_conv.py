@@ -1,7 +1,8 @@
 """EdgeConv without the edge tensor (`edge_conv` = fused / gather) against the original's edge-tensor path.
 
 The reference is the edge-tensor computation with torch's own Conv/BatchNorm/pooling modules. Layers
-are compared in float64 (forward, every gradient, BatchNorm's running statistics); the full model in
+are compared in float64 (forward, every gradient, BatchNorm's running statistics), and so is set abstraction's
+first conv run before grouping; the full model in
 float64 (every variant and norm option) and in float32, with the point ops' indices recorded once and
 replayed, so both paths see the same neighbours and only the arithmetic differs.
 """
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from ognet.config import load_config
 from ognet.errors import ConfigError
 from ognet.model import VARIANTS, build_model, ops
-from ognet.model.blocks import MaxMeanPool, MaxPool, PointwiseConv, edge_features
+from ognet.model.blocks import MaxMeanPool, MaxPool, PointwiseConv, SetAbstraction, edge_features
 from ognet.model.edgeconv import edge_conv_gathered, edge_conv_pooled
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -217,3 +218,23 @@ def test_config_key_reaches_the_model_and_the_override_is_refused():
     assert load_config(None, []).model.options() == {"edge_conv": "fused"}
     with pytest.raises(ConfigError, match="model.edge_conv"):
         load_config(None, ["model.overrides={edge_conv: gather}"])
+
+
+@pytest.mark.parametrize("use_xyz", [True, False])
+def test_set_abstraction_conv_before_grouping_equals_grouping_first(use_xyz):
+    """Float64: the first conv per point, then grouped, equals the original's conv over grouped columns."""
+    torch.manual_seed(0)
+    ref = SetAbstraction(64, 8, (0.2, 0.4), (8, 16), use_xyz=use_xyz).double()
+    ours = copy.deepcopy(ref)
+    ours.conv_before_grouping = True
+    xyz, _ = cloud(2, 300, torch.float64)
+    features = torch.randn(2, 8, 300, dtype=torch.float64)
+    results = []
+    for module in (ref, ours):
+        x = features.clone().requires_grad_()
+        _, out, _ = module(xyz, x)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)).sum().backward()
+        results.append((out.detach(), x.grad, [p.grad for p in module.parameters()]))
+    (out_ref, grad_ref, params_ref), (out, grad, params) = results
+    assert relative(out, out_ref) < 1e-12 and relative(grad, grad_ref) < 1e-12
+    assert all(relative(p, q) < 1e-11 for p, q in zip(params, params_ref))

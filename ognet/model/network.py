@@ -66,7 +66,8 @@ class OGNetConfig:
     nsamples: tuple[int, ...] = (8, 16, 32)
     # how EdgeConv computes (same values up to rounding, see model/edgeconv.py): "fused" conv per
     # point, BatchNorm and pooling from per-point sums; "gather" conv per point, then gathered;
-    # "edge_tensor" the original's 1x1 conv over the (B, 2C, N, k) edge tensor
+    # "edge_tensor" the original's 1x1 conv over the (B, 2C, N, k) edge tensor. Unless
+    # edge_tensor, set abstraction's first conv also runs per point before grouping
     edge_conv: str = "fused"
 
     def __post_init__(self) -> None:
@@ -162,7 +163,7 @@ class OGNet(nn.Module):
                 self.agg.append(MaxMeanPool() if c.gem else MaxPool())
                 self.bn.append(norm(dim))
         self.sa = nn.ModuleList(
-            SetAbstraction(npoint, dims[i], c.radii, c.nsamples, c.use_xyz, c.use_se)
+            SetAbstraction(npoint, dims[i], c.radii, c.nsamples, c.use_xyz, c.use_se, c.edge_conv != "edge_tensor")
             for i, npoint in enumerate(self.sa_layers)
             if npoint is not None
         )
