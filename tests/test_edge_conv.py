@@ -1,11 +1,10 @@
 """EdgeConv without the edge tensor (`edge_conv` = fused / gather) against the original's edge-tensor path.
 
 The reference is the edge-tensor computation with torch's own Conv/BatchNorm/pooling modules. Layers
-are compared in float64 (forward, every gradient, BatchNorm's running statistics), and so is set abstraction's
-first conv run before grouping; the full model in
-float64 (every variant and norm option) and in float32, with the point ops' indices recorded once and
-replayed, so both paths see the same neighbours and only the arithmetic differs.
-"""
+are compared in float64 (forward, every gradient, BatchNorm's running statistics), and so is set
+abstraction's first conv run before grouping; the full model in float64 (every variant and norm
+option) and in float32, with the point ops' indices recorded once and replayed, so both paths see
+the same neighbours and only the arithmetic differs."""
 
 from __future__ import annotations
 
