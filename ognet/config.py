@@ -34,7 +34,7 @@ from ognet.errors import ConfigError
 from ognet.io import atomic_write, read_yaml_mapping
 from ognet.losses import GAMMA, CircleForm
 from ognet.metrics import APMode
-from ognet.model.network import Variant
+from ognet.model.network import EdgeConvPath, Variant
 from ognet.rank_lists import RankListSelect
 
 Backend = Literal["ddp", "deepspeed"]
@@ -74,6 +74,13 @@ class DataConfig:
 class ModelConfig:
     variant: Variant = "ognet"  # OG-Net, OG-Net-Small or OG-Net-Deep
     overrides: dict = field(default_factory=dict)  # constructor options, e.g. {k: 9}
+    # EdgeConv's computation, same values up to rounding: fused (conv per point, BatchNorm and pooling
+    # from per-point sums; fastest), gather (conv per point, then gathered), edge_tensor (the original's)
+    edge_conv: EdgeConvPath = "fused"
+
+    def options(self) -> dict:
+        """The model constructor's keyword options: the overrides and edge_conv."""
+        return {**self.overrides, "edge_conv": self.edge_conv}
 
 
 @dataclass
@@ -213,6 +220,8 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key} must be >= 0, got {flat[key]}")
     if not 0 <= config.train.wa_start < 1:
         raise ConfigError(f"train.wa_start must be in [0, 1), got {config.train.wa_start}")
+    if "edge_conv" in config.model.overrides:
+        raise ConfigError("model.overrides.edge_conv: set model.edge_conv instead")
     if not config.eval.scales:
         raise ConfigError("eval.scales must list at least one scale")
     train_transforms(config.data)

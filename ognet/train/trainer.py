@@ -50,8 +50,9 @@ class Trainer:
         self.run_dir = Path(config.run_dir)
         self.data = train_data(config, info)  # reads the index; impossible sampling fails here, on every rank
         torch.manual_seed(t.seed)  # identical initial weights on every rank
-        self.model = build_model(config.model.variant, self.data.num_classes, **config.model.overrides).to(info.device)
-        self.spec = model_spec(config.model.variant, self.data.num_classes, config.model.overrides)
+        options = config.model.options()
+        self.model = build_model(config.model.variant, self.data.num_classes, **options).to(info.device)
+        self.spec = model_spec(config.model.variant, self.data.num_classes, options)
         resuming = latest_checkpoint(self.run_dir / "checkpoints") is not None
         self.initialised = init_weights(self.model, t.init_from) if t.init_from and not resuming else None
         self.sync_bn = dist.sync_bn_enabled(t.sync_bn, info.world_size)
