@@ -34,6 +34,7 @@ from ognet.io import atomic_write, read_yaml_mapping
 from ognet.losses import GAMMA, CircleForm
 from ognet.metrics import APMode
 from ognet.model.network import Variant
+from ognet.model.ops import PointOpsName
 from ognet.rank_lists import RankListSelect
 
 Backend = Literal["ddp", "deepspeed"]
@@ -73,6 +74,9 @@ class DataConfig:
 class ModelConfig:
     variant: Variant = "ognet"  # OG-Net, OG-Net-Small or OG-Net-Deep
     overrides: dict = field(default_factory=dict)  # constructor options, e.g. {k: 9}
+    # FPS and ball query: reference (pure PyTorch, any device) | triton (one kernel launch per call,
+    # CUDA; pip install triton) | auto (triton on CUDA when installed, else reference). Same indices.
+    point_ops: PointOpsName = "auto"
 
 
 @dataclass

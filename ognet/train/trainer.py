@@ -27,7 +27,7 @@ from ognet.data.loading import train_data
 from ognet.errors import OgnetError, Preempted
 from ognet.evaluate import evaluate_model, metric_tags
 from ognet.losses import LossTerms, LossWarmup, ReidLoss
-from ognet.model import build_model, model_spec
+from ognet.model import build_model, model_spec, select_point_ops, set_point_ops
 from ognet.monitor import Monitor
 from ognet.pictures import pid_text
 from ognet.train.agreement import Agreement, Verdict
@@ -49,6 +49,7 @@ class Trainer:
         self.config, self.info, self.monitor, t = config, info, monitor, config.train
         self.run_dir = Path(config.run_dir)
         self.data = train_data(config, info)  # reads the index; impossible sampling fails here, on every rank
+        set_point_ops(select_point_ops(config.model.point_ops, info.device))
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.model = build_model(config.model.variant, self.data.num_classes, **config.model.overrides).to(info.device)
         self.spec = model_spec(config.model.variant, self.data.num_classes, config.model.overrides)
