@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -110,6 +111,13 @@ def _squared_distances(centres: Tensor, xyz: Tensor) -> Tensor:
     return d
 
 
+def squared_radius(radius: float, dtype: torch.dtype) -> float:
+    """radius^2 rounded like the kernel's `float radius2 = radius * radius` (in float64 for float64
+    input), computed by numpy on the host: a torch scalar read back would be an aten op per call."""
+    r = np.float64(radius) if dtype == torch.float64 else np.float32(radius)
+    return float(r * r)
+
+
 def _first_in_radius(d2: Tensor, radius2: float, nsample: int) -> Tensor:
     """First `nsample` indices by index order with d2 < radius2, padded with the first hit, else 0."""
     n = d2.shape[-1]
@@ -146,7 +154,7 @@ def ball_query(
         xyz, centres = xyz.detach().to(dtype), centres.detach().to(dtype)
         batch, m, _ = centres.shape
         # radius^2 rounded like the kernel's `float radius2 = radius * radius`
-        radii2 = [float(torch.tensor(r, dtype=dtype).square()) for r in radii]
+        radii2 = [squared_radius(r, dtype) for r in radii]
         parts: list[list[Tensor]] = [[] for _ in radii]
         for rows in _row_chunks(batch, m, xyz.shape[1], max_elements, xyz.device):
             d2 = _squared_distances(centres[:, rows], xyz)

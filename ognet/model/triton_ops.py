@@ -172,8 +172,7 @@ def ball_query(xyz: Tensor, centres: Tensor, radii: Sequence[float], nsamples: S
         c = centres.detach().float().contiguous()
     batch, n, _ = p.shape
     m = c.shape[1]
-    # radius^2 rounded to float32, as the reference and the original kernel
-    radii2 = [float(torch.tensor(r, dtype=torch.float32).square()) for r in radii]
+    radii2 = [ops.squared_radius(r, torch.float32) for r in radii]
     outs = [torch.empty(batch, m, ns, dtype=torch.long, device=xyz.device) for ns in nsamples]
     for i in range(0, len(radii), BALL_RADII_PER_LAUNCH):
         group = range(i, min(i + BALL_RADII_PER_LAUNCH, len(radii)))

@@ -121,14 +121,20 @@ class Trainer:
             disable=not self.info.is_main,
         )
         for xyz, rgb, labels, *replaced in bar:  # replaced: with data.bad_samples=skip
-            self.act_on(self.agreement.verdicts())
-            if p.global_step == 0:
-                self.monitor_clouds(xyz, rgb, labels)
-            before = p.copy()
-            self.begin_step()
-            terms, result = self.train_step(*(x.to(self.info.device, non_blocking=True) for x in (xyz, rgb, labels)))
-            self.vote(before, replaced, terms, result)
-            self.end_step(terms, result, len(labels))
+            self.step(xyz, rgb, labels, replaced)
+
+    def step(self, xyz: torch.Tensor, rgb: torch.Tensor, labels: torch.Tensor, replaced: list[torch.Tensor]) -> None:
+        """One step of a host batch: the previous steps' verdicts the device has reached, the step,
+        its vote, its bookkeeping (a log or checkpoint step reads the device there)."""
+        p = self.progress
+        self.act_on(self.agreement.verdicts())
+        if p.global_step == 0:
+            self.monitor_clouds(xyz, rgb, labels)
+        before = p.copy()
+        self.begin_step()
+        terms, result = self.train_step(*(x.to(self.info.device, non_blocking=True) for x in (xyz, rgb, labels)))
+        self.vote(before, replaced, terms, result)
+        self.end_step(terms, result, len(labels))
 
     def begin_step(self) -> None:
         """The step's learning rate and dropout seed: functions of (epoch, step), so a resume replays them."""
