@@ -6,7 +6,7 @@
 Measures the real `Trainer.step` (the training loop's body: the previous verdicts, learning rate
 and seed, forward, loss, backward, optimizer, BatchNorm rollback, vote, meters) of a one-process
 Trainer built from `configs/market/<variant>-circle.yaml`, on a step that neither logs nor
-checkpoints, after two warm-up steps. Counted in one `torch.profiler` step:
+checkpoints, after a warm-up step (which creates the optimizer state). Counted in one `torch.profiler` step:
 - device ops: top-level `aten::` ops (none of their ancestors is an aten op), plus one per Triton
   launch (the `triton_launch::` ranges of ognet.model.triton_ops; what the interpreter does inside
   them is not counted). On CUDA each counts as one kernel launch or more;
@@ -59,6 +59,52 @@ SYNC_OPS = frozenset(
 )
 CPU_KERNEL_HOST_READS = frozenset({"aten::_fused_adam_", "aten::_fused_adamw_"})
 LAUNCH_PREFIX = "triton_launch::"
+# Ops that only make tensor metadata or allocate: no kernel runs for them on a GPU. An aten op is a
+# kernel op when it or one of the ops it calls is not one of these (`to` and `reshape` copy only
+# sometimes: then they call `_to_copy` or `clone`, which are kernel ops).
+NO_KERNEL_OPS = frozenset(
+    "aten::" + name
+    for name in [
+        "view",
+        "view_as",
+        "reshape",
+        "_reshape_alias",
+        "_unsafe_view",
+        "detach",
+        "detach_",
+        "alias",
+        "transpose",
+        "t",
+        "permute",
+        "expand",
+        "expand_as",
+        "unsqueeze",
+        "squeeze",
+        "narrow",
+        "slice",
+        "select",
+        "split",
+        "split_with_sizes",
+        "unbind",
+        "chunk",
+        "as_strided",
+        "diagonal",
+        "flatten",
+        "unflatten",
+        "movedim",
+        "to",
+        "empty",
+        "empty_like",
+        "empty_strided",
+        "set_",
+        "lift_fresh",
+        "resolve_conj",
+        "resolve_neg",
+        "contiguous",
+        "_has_compatible_shallow_copy_type",
+        "result_type",
+    ]
+)
 TRAIN_IDS, TRAIN_IMAGES = 8, 240  # enough samples for several non-logging steps of batch 36
 
 
@@ -100,15 +146,21 @@ def step_inputs(batch: int, points: int, device: str) -> tuple[torch.Tensor, tor
     return xyz, rgb, labels
 
 
+def _launches_kernel(event: Any) -> bool:
+    if event.name.startswith("aten::") and event.name not in NO_KERNEL_OPS:
+        return True
+    return any(_launches_kernel(child) for child in event.cpu_children)
+
+
 def count_events(prof: profile) -> dict[str, Any]:
-    """Top-level aten ops, Triton launches and host synchronisations of one profiled region.
+    """Top-level aten ops (and those of them that run a kernel), Triton launches and host
+    synchronisations of one profiled region.
 
     A sync counts once (`.item()` is aten::item over aten::_local_scalar_dense). The CPU kernel of
     the fused Adam reads every step counter with `.item()`; the CUDA kernel reads them on the
     device: those reads are reported apart, as `cpu_kernel_reads`."""
-    aten, launches = 0, 0
+    aten, kernels, launches, cpu_kernel_reads = 0, 0, 0, 0
     syncs: collections.Counter[str] = collections.Counter()
-    cpu_kernel_reads = 0
     for event in prof.events():
         name, ancestors = event.name, []
         parent = event.cpu_parent
@@ -126,16 +178,19 @@ def count_events(prof: profile) -> dict[str, Any]:
                 syncs[name] += 1
         if name.startswith("aten::") and not any(a.startswith("aten::") for a in ancestors):
             aten += 1
+            kernels += _launches_kernel(event)
     return {
         "aten_ops": aten,
+        "kernel_ops": kernels,
         "triton_launches": launches,
         "device_ops": aten + launches,
+        "kernel_launches": kernels + launches,
         "syncs": dict(syncs),
         "cpu_kernel_reads": cpu_kernel_reads,
     }
 
 
-def budget(trainer: Trainer, inputs: tuple[torch.Tensor, ...], warmup: int = 2) -> dict[str, Any]:
+def budget(trainer: Trainer, inputs: tuple[torch.Tensor, ...], warmup: int = 1) -> dict[str, Any]:
     """Device ops and host syncs of one step (not a log or checkpoint step) after `warmup` steps."""
     steps = trainer.data.steps_per_epoch
     if warmup + 1 >= steps:
