@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,8 +119,11 @@ def make_data(folder: Path) -> Path:
     return folder / "shards"
 
 
-def build_trainer(variant: str, point_ops: str, batch: int, shards: Path, run_dir: Path, device: str) -> Trainer:
-    """A one-process Trainer of the paper's circle config for `variant`, never logging or checkpointing."""
+def build_trainer(
+    variant: str, point_ops: str, batch: int, shards: Path, run_dir: Path, device: str, extra: Sequence[str] = ()
+) -> Trainer:
+    """A one-process Trainer of the paper's circle config for `variant`, never logging or checkpointing
+    (`extra`: more config overrides)."""
     overrides = [
         f"data.root={shards}",
         f"run_dir={run_dir}",
@@ -128,6 +132,7 @@ def build_trainer(variant: str, point_ops: str, batch: int, shards: Path, run_di
         f"train.global_batch_size={batch}",
         "train.log_every_steps=1000000",
         "train.checkpoint_every_steps=0",
+        *extra,
     ]
     config = load_config(ROOT / "configs" / "market" / f"{variant}-circle.yaml", overrides)
     info = dist.DistInfo(0, 0, 1, torch.device(device), None, True)
