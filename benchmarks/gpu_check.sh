@@ -4,7 +4,8 @@
 # Writes benchmarks/results/gpu.md (and, where the device tool sets $OUT, a copy there). The machine
 # has its own Python with torch, Triton, numpy, tensorboard, pyyaml, tqdm, fsspec, scipy and
 # fetches nothing: the project is installed without dependencies, and pure-Python wheels it
-# lacks (webdataset, braceexpand; DeepSpeed and its needs if wanted) travel in .whl/ (carried).
+# lacks travel in .whl/ (carried): webdataset, braceexpand; for DeepSpeed also deepspeed, hjson,
+# pydantic, pydantic-core (cp312), annotated-types, typing-inspection.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

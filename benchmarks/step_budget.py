@@ -229,15 +229,16 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]]) -> str:
     lines += [
         f"Batch {args.batch} x {args.points} points, one process, fp32, one step that neither logs nor checkpoints.",
         "",
-        "| variant | point ops | device ops (aten + Triton launches) | host syncs |",
-        "|---|---|---|---|",
+        "| variant | point ops | top-level aten ops + Triton launches | of which run a kernel | host syncs "
+        "| CPU fused-Adam reads |",
+        "|---|---|---|---|---|---|",
     ]
     for r in results:
         syncs = sum(r["syncs"].values())
         detail = f" ({', '.join(f'{k} x{v}' for k, v in sorted(r['syncs'].items()))})" if syncs else ""
         lines.append(
             f"| {r['variant']} | {r['point_ops']} | {r['device_ops']:,} ({r['aten_ops']:,} + {r['triton_launches']})"
-            f" | {syncs}{detail} |"
+            f" | {r['kernel_launches']:,} | {syncs}{detail} | {r['cpu_kernel_reads']} |"
         )
     return "\n".join(lines)
 
