@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import cpu_model
+from common import load_average, provenance
 
 from ognet.data import synth  # noqa: E402
 from ognet.data.layouts import scan_split  # noqa: E402
@@ -227,16 +227,14 @@ def make_data(work: Path, samples: int, workers: int) -> tuple[Path, Path, Path]
 
 
 def machine() -> dict[str, str]:
-    cpu = cpu_model()
     import open3d
     import webdataset
 
     return {
-        "CPU": cpu,
+        "load average (1, 5, 15 min) at start": load_average(),
         "cores (os.cpu_count / usable by this process)": f"{os.cpu_count()} / {len(os.sched_getaffinity(0))}",
         "python / numpy / webdataset / open3d": f"{platform.python_version()} / {np.__version__} / "
         f"{webdataset.__version__} / {open3d.__version__}",
-        "load average (1, 5, 15 min) at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
 
 
@@ -321,15 +319,10 @@ def report(
             )
         return "obj + transform (baseline)" if transformed else "obj, no transform"
 
-    lines = [
-        "# Data throughput per worker: shards against .obj files",
-        "",
-        f"Command: `python {' '.join(sys.argv)}`",
-        "",
-    ]
+    lines = provenance("Data throughput per worker: shards against .obj files")
     lines += [f"- {k}: {v}" for k, v in info.items()]
     lines += [
-        f"- load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        f"- load average at end: {load_average()}",
         f"- {args.samples} synthetic samples of 8192 points, train_all; median of {args.repeats} interleaved "
         f"passes after a warm-up; data generated and packed in {prepare:.0f} s (not timed below)",
         f"- sizes: .obj {obj_bytes / args.samples / 1e3:.0f} kB/sample, shards float32 "

@@ -1,11 +1,15 @@
-"""Training-step cost of every OG-Net variant: time, FLOPs, share of the machine's matmul rate,
-peak memory and where the time goes.
+"""Training-step time of every OG-Net variant, ours (EdgeConv `fused`) against the original's algorithm
+(`edge_tensor`), then FLOPs, peak memory and where the time goes.
 
     python benchmarks/model_step.py [--variants ognet ognet-deep] [--batch 8] [--points 4096] [--repeats 5]
+        [--memory-batch 18]
 
-Each variant runs in its own subprocess so its peak memory is its own. A step is forward +
-cross-entropy + a circle-style term on the circle feature + backward (no optimizer). Prints a
-Markdown report (see benchmarks/results/model_step.md).
+A step is forward + cross-entropy + a circle-style term on the circle feature + backward + Adam
+(amsgrad, weight decay: the original's optimizer). Per variant, one subprocess times both paths
+interleaved (same weights, same input), so both see the same machine load; the speed-up is the median
+of the per-repeat ratios. Peak memory: one step per (variant, path) in its own subprocess at
+`--memory-batch` (the paper's batch 36 over 2 ranks = 18 per rank). Prints a Markdown report (see
+benchmarks/results/model_step.md).
 """
 
 from __future__ import annotations
@@ -42,12 +46,22 @@ NORM_OPS = ("aten::native_batch_norm", "aten::native_batch_norm_backward", "aten
 GATHER_OPS = ("aten::gather", "aten::scatter_add_", "aten::index", "aten::index_select", "aten::index_add_")
 
 
-def step(model: OGNet, xyz: torch.Tensor, rgb: torch.Tensor, labels: torch.Tensor) -> None:
-    model.zero_grad(set_to_none=True)
-    out = model(xyz, rgb)
-    f = F.normalize(out.circle_feature, dim=1)
-    loss = F.cross_entropy(out.logits, labels) + (f @ f.T).triu(1).square().mean()
-    loss.backward()
+PATHS = ("fused", "edge_tensor")  # ours, the original's algorithm
+
+
+def make_step(model: OGNet, xyz: torch.Tensor, rgb: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
+    """One training step: forward, loss, backward, Adam (amsgrad, coupled weight decay, as the original)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=5e-4, amsgrad=True)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        out = model(xyz, rgb)
+        f = F.normalize(out.circle_feature, dim=1)
+        loss = F.cross_entropy(out.logits, labels) + (f @ f.T).triu(1).square().mean()
+        loss.backward()
+        optimizer.step()
+
+    return step
 
 
 def timed(fn: Callable[[], None]) -> tuple[float, float]:
@@ -55,13 +69,6 @@ def timed(fn: Callable[[], None]) -> tuple[float, float]:
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
     return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def matmul_flops_per_second(size: int = 2048, repeats: int = 5) -> float:
-    """Measured fp32 matmul rate (square mm, same threads): the ceiling to compare with."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    return 2 * size**3 / statistics.median(timed(lambda: a @ b)[0] for _ in range(repeats))
 
 
 def peak_rss_bytes(fn: Callable[[], None]) -> int:
@@ -126,35 +133,51 @@ def time_breakdown(fn: Callable[[], None]) -> dict[str, float]:
     return groups
 
 
-def measure(variant: str, batch: int, points: int, repeats: int) -> dict:
-    torch.manual_seed(0)
-    model = build_model(variant, NUM_CLASSES).train()
+def inputs(batch: int, points: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
     xyz = torch.randn(batch, points, 3) * torch.tensor([0.2, 0.5, 0.1])
     rgb = torch.rand(batch, points, 3) - 0.5
-    labels = torch.arange(batch) // 2
-    run = lambda: step(model, xyz, rgb, labels)  # noqa: E731
-    peak = peak_rss_bytes(run)  # first step, also the warm-up
-    with FlopCounterMode(display=False) as counter:
-        run()
-    flops = counter.get_total_flops()
-    # The matmul rate is measured right after each step, so both see the same machine load.
-    steps, cpu, shares, matmul = [], [], [], []
+    return xyz, rgb, torch.arange(batch) // 2
+
+
+def build(variant: str, path: str) -> OGNet:
+    torch.manual_seed(0)  # same weights for every path
+    return build_model(variant, NUM_CLASSES, edge_conv=path).train()
+
+
+def measure(variant: str, batch: int, points: int, repeats: int) -> dict:
+    """Both paths' steps timed interleaved (after a warm-up step each), FLOPs and a profile of ours."""
+    xyz, rgb, labels = inputs(batch, points)
+    steps = {path: make_step(build(variant, path), xyz, rgb, labels) for path in PATHS}
+    flops = {}
+    for path, run in steps.items():
+        with FlopCounterMode(display=False) as counter:
+            run()  # also the warm-up
+        flops[path] = counter.get_total_flops()
+    wall: dict[str, list[float]] = {path: [] for path in PATHS}
+    cpu: dict[str, list[float]] = {path: [] for path in PATHS}
     for _ in range(repeats):
-        wall, used = timed(run)
-        rate = matmul_flops_per_second()
-        steps.append(wall), cpu.append(used), matmul.append(rate), shares.append(flops / wall / rate)
+        for path, run in steps.items():
+            w, c = timed(run)
+            wall[path].append(w), cpu[path].append(c)
+    ratios = [e / f for f, e in zip(wall["fused"], wall["edge_tensor"])]
     return {
         "variant": variant,
-        "params": sum(p.numel() for p in model.parameters()),
-        "step_s": statistics.median(steps),
-        "step_min_s": min(steps),
-        "step_cpu_s": statistics.median(cpu),
+        "params": sum(p.numel() for p in build(variant, "fused").parameters()),
+        "step_s": {p: statistics.median(v) for p, v in wall.items()},
+        "step_min_s": {p: min(v) for p, v in wall.items()},
+        "step_cpu_s": {p: statistics.median(v) for p, v in cpu.items()},
+        "speedup": statistics.median(ratios),
         "flops": flops,
-        "matmul_flops_per_s": statistics.median(matmul),
-        "share": statistics.median(shares),
-        "peak_rss_bytes": peak,
-        "breakdown": time_breakdown(run),
+        "breakdown": time_breakdown(steps["fused"]),
     }
+
+
+def measure_memory(variant: str, path: str, batch: int, points: int) -> dict:
+    """Peak RSS delta of one training step (the first: optimizer state included)."""
+    xyz, rgb, labels = inputs(batch, points)
+    run = make_step(build(variant, path), xyz, rgb, labels)
+    return {"variant": variant, "path": path, "peak_rss_bytes": peak_rss_bytes(run)}
 
 
 def machine() -> dict[str, str]:
@@ -169,29 +192,43 @@ def machine() -> dict[str, str]:
     }
 
 
-def report(args: argparse.Namespace, results: list[dict], info: dict[str, str]) -> str:
+def report(args: argparse.Namespace, results: list[dict], memory: list[dict], info: dict[str, str]) -> str:
     lines = [f"Command: `python benchmarks/model_step.py {' '.join(sys.argv[1:])}`", ""]
     lines += [f"- {k}: {v}" for k, v in info.items()]
     lines += [f"- load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", ""]
     lines += [
-        f"Batch {args.batch} x {args.points} points, {NUM_CLASSES} classes, fp32, train mode. Step: median of"
-        f" {args.repeats} steps (and the fastest); matmul rate: median of 2048^2 fp32 mm timed right after each"
-        " step; share: median over steps of (FLOPs / step time) / that matmul rate. FLOPs: FlopCounterMode"
-        " over one forward+backward. Peak RSS delta: /proc VmHWM during the first step minus the RSS"
-        " before it (includes allocator caching).",
+        f"Training step (forward, loss, backward, Adam) at batch {args.batch} x {args.points} points,"
+        f" {NUM_CLASSES} classes, fp32. Both paths timed interleaved, {args.repeats} repeats after a warm-up;"
+        " step: median (fastest); speed-up: median of the per-repeat ratios. FLOPs: FlopCounterMode over one"
+        " step of the algorithm run (matmuls and convolutions, the kNN's included).",
         "",
-        "| variant | params | step (s) | fastest step (s) | process CPU s/step | GFLOP/step | achieved GFLOP/s "
-        "| matmul GFLOP/s | share of matmul rate | peak RSS delta (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | params | step, fused (s) | step, edge tensor (s) | speed-up | CPU s/step fused / edge "
+        "| GFLOP/step fused / edge |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        t, m, c, f = r["step_s"], r["step_min_s"], r["step_cpu_s"], r["flops"]
         lines.append(
-            f"| {r['variant']} | {r['params']:,} | {r['step_s']:.2f} | {r['step_min_s']:.2f} | {r['step_cpu_s']:.2f} "
-            f"| {r['flops'] / 1e9:.1f} | {r['flops'] / r['step_s'] / 1e9:.1f} | {r['matmul_flops_per_s'] / 1e9:.1f} "
-            f"| {r['share']:.0%} | {r['peak_rss_bytes'] / 2**20:.0f} |"
+            f"| {r['variant']} | {r['params']:,} | {t['fused']:.2f} ({m['fused']:.2f}) "
+            f"| {t['edge_tensor']:.2f} ({m['edge_tensor']:.2f}) | **{r['speedup']:.2f}x** "
+            f"| {c['fused']:.2f} / {c['edge_tensor']:.2f} | {f['fused'] / 1e9:.1f} / {f['edge_tensor'] / 1e9:.1f} |"
         )
+    if memory:
+        lines += [
+            "",
+            f"Peak memory of one training step at batch {args.memory_batch} x {args.points} points (Linux /proc"
+            " VmHWM during the step minus the RSS before it; includes allocator caching), each in its own process:",
+            "",
+            "| variant | fused (MiB) | edge tensor (MiB) | ratio |",
+            "|---|---|---|---|",
+        ]
+        for variant in dict.fromkeys(m["variant"] for m in memory):
+            peak = {m["path"]: m["peak_rss_bytes"] / 2**20 for m in memory if m["variant"] == variant}
+            lines.append(
+                f"| {variant} | {peak['fused']:.0f} | {peak['edge_tensor']:.0f} | {peak['edge_tensor'] / peak['fused']:.2f}x |"
+            )
     groups = [g for g in results[0]["breakdown"] if g != "wall"]
-    lines += ["", "Where the time goes (one profiled step; share of its wall time):", ""]
+    lines += ["", "Where the time of a fused step goes (one profiled step; share of its wall time):", ""]
     lines += ["| group | " + " | ".join(r["variant"] for r in results) + " |", "|---" * (len(results) + 1) + "|"]
     for g in groups:
         cells = [f"{r['breakdown'][g]:.2f} s ({r['breakdown'][g] / r['breakdown']['wall']:.0%})" for r in results]
@@ -200,28 +237,42 @@ def report(args: argparse.Namespace, results: list[dict], info: dict[str, str]) 
     return "\n".join(lines)
 
 
+def subprocess_json(args: argparse.Namespace, *extra: str) -> dict:
+    cmd = [sys.executable, __file__, "--points", str(args.points), "--repeats", str(args.repeats), *extra]
+    cmd += ["--threads", str(args.threads)] if args.threads else []
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out.splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--points", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--memory-batch", type=int, default=18, help="batch of the peak-memory step (0: skip)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one variant, print JSON
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: time one variant, print JSON
+    parser.add_argument("--memory-of", nargs=2, help=argparse.SUPPRESS)  # internal: variant path
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.one:
         print(json.dumps(measure(args.one, args.batch, args.points, args.repeats)))
         return
+    if args.memory_of:
+        print(json.dumps(measure_memory(*args.memory_of, args.memory_batch, args.points)))
+        return
     info = machine()
-    results = []
-    for variant in args.variants:
-        cmd = [sys.executable, __file__, "--one", variant, "--batch", str(args.batch), "--points", str(args.points)]
-        cmd += ["--repeats", str(args.repeats)] + (["--threads", str(args.threads)] if args.threads else [])
-        out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
-        results.append(json.loads(out.splitlines()[-1]))
-    print(report(args, results, info))
+    results = [subprocess_json(args, "--one", v, "--batch", str(args.batch)) for v in args.variants]
+    memory = []
+    if args.memory_batch:
+        for variant in args.variants:
+            for path in PATHS:
+                memory.append(
+                    subprocess_json(args, "--memory-of", variant, path, "--memory-batch", str(args.memory_batch))
+                )
+    print(report(args, results, memory, info))
 
 
 if __name__ == "__main__":

@@ -26,9 +26,7 @@ import argparse
 import dataclasses
 import multiprocessing as mp
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' HTTP file server
 
-from common import cpu_model  # noqa: E402
+from common import load_average, provenance  # noqa: E402
 from data_throughput import make_data  # noqa: E402
 
 from ognet.data.balance import IdentityBuffer  # noqa: E402
@@ -280,23 +278,13 @@ def main() -> None:
     p.add_argument("--buffers", type=int, nargs="+", default=[500, 1000, 2000])
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
-    head = [
-        "# Streaming and remote reading",
-        "",
-        f"Command: `python benchmarks/stream.py {' '.join(sys.argv[1:])}`",
-        "",
-        f"- commit {commit}; CPU: {cpu_model()}; cores {os.cpu_count()}; python {platform.python_version()}",
-        f"- load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
-    ]
+    head = [*provenance("Streaming and remote reading"), f"- load average at start: {load_average()}"]
     part1, _ = throughput(args.samples, args.repeats)
     part2 = sampler_stats(args.sim_samples, args.sim_ids, args.buffers)
     report = "\n".join(
         [
             *head,
-            f"- load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+            f"- load average at end: {load_average()}",
             "",
             "## Throughput per worker",
             "",

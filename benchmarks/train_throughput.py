@@ -1,12 +1,19 @@
-"""Training throughput with 1 rank and with 2 ranks (one thread each), same global batch, one run.
+"""Training throughput with 1 rank and with 2 ranks (one thread each), same global batch, one run;
+optionally against another code tree (an older commit) in the same, interleaved run.
 
-    python benchmarks/train_throughput.py [--points 2048] [--steps 12] [--repeats 3]
+    python benchmarks/train_throughput.py [--points 2048] [--steps 12] [--repeats 3] [--out FILE.md]
+        [--baseline TREE [--baseline-name NAME]] [--set key=value ...]
 
-Synthesises and packs the demo data set once (in a temporary folder), then for each world size
-runs `torchrun --nproc_per_node=W launch/train.py` on configs/demo.yaml for one epoch of
-`--steps` steps and reads the per-step samples/s that rank 0 logged to TensorBoard, skipping the
-first logged step (start-up). Reports the median over repeats and the scaling efficiency
-(2-rank throughput / (2 x 1-rank throughput)).
+Synthesises and packs the demo data set once (in a temporary folder), then for each repeat, world
+size and code tree runs `torchrun --nproc_per_node=W TREE/launch/train.py` on configs/demo.yaml for
+one epoch of `--steps` steps, logging every step. A step's time is the wall-clock gap between
+consecutive `train/loss` events that rank 0 wrote to TensorBoard: the same measure for any tree,
+whatever its timing tags mean (before the Trainer, `train/step_time_s` was an epoch average). The
+first gap (start-up) is skipped; samples/s = global batch / median step time. Reports the median
+over repeats, the scaling efficiency (2-rank throughput / (2 x 1-rank throughput)) and, with
+`--baseline`, the ratio of this tree to the baseline at each world size.
+
+A baseline tree: `git worktree add /tmp/before <commit>` (run with this tree's Python environment).
 """
 
 from __future__ import annotations
@@ -19,10 +26,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import cpu_model
+from common import ROOT, commit, load_average, provenance
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
@@ -37,29 +43,53 @@ def prepare(base: Path, points: int) -> Path:
     return base / "shards"
 
 
-def run(shards: Path, run_dir: Path, world: int, steps: int, batch: int, workers: int) -> float:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def run(tree: Path, shards: Path, run_dir: Path, world: int, args: argparse.Namespace) -> float:
+    """samples/s of one training run of `tree`'s code."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tree)}
     cmd = [
         BIN / "torchrun",
         "--standalone",
         f"--nproc_per_node={world}",
-        REPO / "launch" / "train.py",
+        tree / "launch" / "train.py",
         "--config",
-        REPO / "configs" / "demo.yaml",
+        tree / "configs" / "demo.yaml",
         f"data.root={shards}",
         f"run_dir={run_dir}",
         "train.epochs=1",
-        f"train.max_steps_per_epoch={steps}",
-        f"train.global_batch_size={batch}",
+        f"train.max_steps_per_epoch={args.steps}",
+        f"train.global_batch_size={args.batch}",
         "train.log_every_steps=1",
-        f"data.num_workers={workers}",
+        f"data.num_workers={args.workers}",
         "eval.rank_list_queries=0",
+        *args.set,
     ]
-    subprocess.run([str(c) for c in cmd], check=True, capture_output=True, env=env)
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env)
+    if proc.returncode:
+        sys.exit(f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0}).Reload()
-    # logged every step, so each value is one step's time (the log window); the first is start-up
-    times = [e.value for e in sorted(events.Scalars("train/step_time_s"), key=lambda e: e.step)]
-    return batch / statistics.median(times[1:])
+    stamps = [e.wall_time for e in sorted(events.Scalars("train/loss"), key=lambda e: e.step)]
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return args.batch / statistics.median(gaps[1:])
+
+
+def table(rates: dict[tuple[str, int], list[float]]) -> list[str]:
+    rows = ["| code | ranks | samples/s (median) | repeats |", "|---|---|---|---|"]
+    for (name, world), r in rates.items():
+        rows.append(f"| {name} | {world} | {statistics.median(r):.2f} | {', '.join(f'{x:.2f}' for x in r)} |")
+    return rows
+
+
+def summary(rates: dict[tuple[str, int], list[float]], names: list[str]) -> list[str]:
+    median = {key: statistics.median(r) for key, r in rates.items()}
+    lines = []
+    for name in names:
+        two = median[name, 2] / median[name, 1]
+        lines.append(f"- {name}: 2 ranks / 1 rank **{two:.2f}x**, scaling efficiency {two / 2:.0%}")
+    if len(names) == 2:
+        for world in (1, 2):
+            ratio = median[names[0], world] / median[names[1], world]
+            lines.append(f"- {world} rank(s): {names[0]} / {names[1]} = **{ratio:.2f}x**")
+    return lines
 
 
 def main() -> None:
@@ -74,24 +104,38 @@ def main() -> None:
         default=0,
         help="DataLoader workers per rank; 0 (default) keeps each rank to one process and one thread",
     )
+    p.add_argument("--baseline", type=Path, help="another code tree (e.g. a git worktree of an older commit)")
+    p.add_argument("--baseline-name", default="baseline")
+    p.add_argument("--set", nargs="*", default=[], metavar="key=value", help="config overrides for every run")
+    p.add_argument("--out", type=Path, help="write the results (markdown) here")
     args = p.parse_args()
+    trees = {"this tree": ROOT, **({args.baseline_name: args.baseline.resolve()} if args.baseline else {})}
+    load_at_start = load_average()
+    rates: dict[tuple[str, int], list[float]] = {(name, w): [] for name in trees for w in (1, 2)}
     with tempfile.TemporaryDirectory() as tmp:
         shards = prepare(Path(tmp), args.points)
-        rates = {1: [], 2: []}
         for r in range(args.repeats):
             for world in (1, 2):
-                rates[world].append(
-                    run(shards, Path(tmp) / f"run-{world}-{r}", world, args.steps, args.batch, args.workers)
-                )
-                print(f"repeat {r} world {world}: {rates[world][-1]:.2f} samples/s", flush=True)
-    one, two = statistics.median(rates[1]), statistics.median(rates[2])
-    print(f"\nmachine: {cpu_model()}, {os.cpu_count()} cores; load average after the run {os.getloadavg()}")
-    print(
-        f"points {args.points} (slim keeps half), global batch {args.batch}, {args.steps} steps, data workers/rank {args.workers}"
-    )
-    print(f"1 rank : {one:.2f} samples/s (median of {args.repeats}: {[round(x, 2) for x in rates[1]]})")
-    print(f"2 ranks: {two:.2f} samples/s (median of {args.repeats}: {[round(x, 2) for x in rates[2]]})")
-    print(f"speed-up {two / one:.2f}x, scaling efficiency {two / one / 2:.0%}")
+                for name, tree in trees.items():
+                    rate = run(tree, shards, Path(tmp) / f"run-{len(rates)}-{r}-{world}-{name}", world, args)
+                    rates[name, world].append(rate)
+                    print(f"repeat {r} world {world} {name}: {rate:.2f} samples/s", flush=True)
+    lines = [
+        *provenance("Training throughput: 1 rank vs 2 ranks (DDP, gloo, CPU)"),
+        f"- load average (1, 5, 15 min) at start: {load_at_start}; at end: {load_average()}",
+        f"- configs/demo.yaml on the synthetic `small` set, {args.points} points per cloud (slim keeps half), "
+        f"global batch {args.batch}, {args.steps} steps, DataLoader workers per rank {args.workers}, "
+        "OMP_NUM_THREADS=1 per rank; step time = gap between rank 0's consecutive per-step loss events, "
+        "first gap excluded; runs interleaved",
+        *([f"- {args.baseline_name}: {args.baseline}, commit {commit(args.baseline)}"] if args.baseline else []),
+        "",
+        *table(rates),
+        "",
+        *summary(rates, list(trees)),
+    ]
+    print("\n".join(lines))
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

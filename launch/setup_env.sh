@@ -52,7 +52,7 @@ if ! "$OGNET_PY" -c 'import torch' 2>/dev/null; then
   echo "[setup] installing $OGNET_TORCH"
   # shellcheck disable=SC2086  # OGNET_TORCH may carry pip options (--index-url ...)
   ognet_pip $OGNET_TORCH || { return 1 2>/dev/null || exit 1; }
-  "$OGNET_PY" -c 'import torch' || { echo "[setup] torch installed but does not import" >&2; return 1 2>/dev/null || exit 1; }
+  "$OGNET_PY" -W ignore -c 'import torch' || { echo "[setup] torch installed but does not import" >&2; return 1 2>/dev/null || exit 1; }
 fi
 
 # 4. The project itself, editable; skipped when its metadata (pyproject.toml) and the extras have not changed.
@@ -62,7 +62,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   rm -f "$stamp"
   spec="$OGNET_ROOT"; [ -n "$OGNET_EXTRAS" ] && spec="$OGNET_ROOT[$OGNET_EXTRAS]"
   echo "[setup] installing ognet ${OGNET_EXTRAS:+with extras $OGNET_EXTRAS}"
-  torch_pin="torch==$("$OGNET_PY" -c 'import torch; print(torch.__version__.split("+")[0])')"
+  torch_pin="torch==$("$OGNET_PY" -W ignore -c 'import torch; print(torch.__version__.split("+")[0])')"
   ognet_pip -e "$spec" "$torch_pin" || { return 1 2>/dev/null || exit 1; }
   # From outside the repository, so that the check sees the installed package, not the source folder.
   found="$(cd / && "$OGNET_PY" -c 'import ognet; print(ognet.__file__)')" \

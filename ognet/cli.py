@@ -13,7 +13,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from ognet.config import Config, keys_help, load_config
 from ognet.errors import PREEMPTED_EXIT_CODE, OgnetError, Preempted
-from ognet.monitor import enable_stack_dumps
+from ognet.stack_dumps import enable_stack_dumps
 
 EPILOG = """exit codes: 0 done; 1 an error (one line naming what is wrong); 2 bad arguments;
   75 preempted: a checkpoint was written, run the same command again to resume

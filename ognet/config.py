@@ -29,11 +29,12 @@ from ognet.data.dataset import BadSamples
 from ognet.data.fetch import Access, RemoteCache
 from ognet.data.sampler import SamplerMode, StratifiedSampler
 from ognet.data.transforms import TransformConfig
+from ognet.dist import SyncBN
 from ognet.errors import ConfigError
 from ognet.io import atomic_write, read_yaml_mapping
 from ognet.losses import GAMMA, CircleForm
 from ognet.metrics import APMode
-from ognet.model.network import Variant
+from ognet.model.network import EdgeConvPath, Variant
 from ognet.model.ops import PointOpsName
 from ognet.rank_lists import RankListSelect
 
@@ -77,6 +78,13 @@ class ModelConfig:
     # FPS and ball query: reference (pure PyTorch, any device) | triton (one kernel launch per call,
     # CUDA; pip install triton) | auto (triton on CUDA when installed, else reference). Same indices.
     point_ops: PointOpsName = "auto"
+    # EdgeConv's computation, same values up to rounding: fused (conv per point, BatchNorm and pooling
+    # from per-point sums; fastest), gather (conv per point, then gathered), edge_tensor (the original's)
+    edge_conv: EdgeConvPath = "fused"
+
+    def options(self) -> dict:
+        """The model constructor's keyword options: the overrides and edge_conv."""
+        return {**self.overrides, "edge_conv": self.edge_conv}
 
 
 @dataclass
@@ -118,7 +126,9 @@ class TrainConfig:
     backend: Backend = "ddp"  # ddp (also a single process) or deepspeed (ZeRO 1/2)
     deepspeed_config: str = "configs/deepspeed/zero2.json"  # DeepSpeed's JSON (ZeRO stage and options)
     precision: Precision = "fp32"  # fp32, bf16 (autocast), fp16 (CUDA, grad scaler)
-    sync_bn: bool = False  # BatchNorm statistics over all ranks (CUDA)
+    # BatchNorm's training statistics over the global batch (ognet.dist.SyncBatchNorm, gloo and nccl):
+    # auto = when the world size is above 1, as the original's single GPU saw the whole batch
+    sync_bn: SyncBN = "auto"
     wa: bool = False  # weight averaging from wa_start * epochs, BN re-estimated at the end
     wa_start: float = 0.9  # share of the epochs after which weight averaging starts (--wa_start)
     max_steps_per_epoch: int = 0  # > 0 cuts epochs short (demos, tests)
@@ -214,6 +224,8 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key} must be >= 0, got {flat[key]}")
     if not 0 <= config.train.wa_start < 1:
         raise ConfigError(f"train.wa_start must be in [0, 1), got {config.train.wa_start}")
+    if "edge_conv" in config.model.overrides:
+        raise ConfigError("model.overrides.edge_conv: set model.edge_conv instead")
     if not config.eval.scales:
         raise ConfigError("eval.scales must list at least one scale")
     train_transforms(config.data)
@@ -280,14 +292,16 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
-    if typing.get_origin(hint) is Literal:
-        choices = typing.get_args(hint)
-        if value not in choices:
-            raise ConfigError(f"{key} = {value!r} is not one of {', '.join(map(str, choices))}")
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    allowed = typing.get_args(hint) if union else (hint,)
+    choices = [c for t in allowed if typing.get_origin(t) is Literal for c in typing.get_args(t)]
+    if any(value == c and type(value) is type(c) for c in choices):  # type too: True is not 1
         return value
-    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if value is None and type(None) in allowed:
         return None
+    allowed = tuple(t for t in allowed if typing.get_origin(t) is not Literal)
+    if choices and not allowed:
+        raise ConfigError(f"{key} = {value!r} is not one of {', '.join(map(str, choices))}")
     for t in allowed:
         if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -302,7 +316,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return tuple(value)
         if t in (bool, str, dict) and isinstance(value, t):
             return value
-    names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
+    names = " or ".join([*(repr(c) for c in choices), *(getattr(t, "__name__", str(t)) for t in allowed)])
     raise ConfigError(f"config key {key} must be {names}, got {value!r} ({type(value).__name__})")
 
 

@@ -2,7 +2,8 @@
 few collectives the rest of ognet needs.
 
 Every helper is a no-op when there is no process group, so single-process code calls the same
-functions as distributed code. nccl on CUDA, gloo otherwise; CUDA is never required.
+functions as distributed code; `SyncBatchNorm` (train.sync_bn) is plain BatchNorm there. nccl on
+CUDA, gloo otherwise; CUDA is never required.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -24,6 +25,7 @@ import torch.distributed as dist
 from ognet.errors import ConfigError, OgnetError
 
 F = TypeVar("F", bound=Callable)
+SyncBN = Literal["auto"] | bool  # train.sync_bn
 _timeout_s: float | None = None  # of the process group this process joined
 
 
@@ -294,3 +296,121 @@ def all_gather_uneven(x: torch.Tensor) -> torch.Tensor:
     out = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(out, padded)
     return torch.cat([o[:n] for o, n in zip(out, lengths)])
+
+
+def _local_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's mean and biased variance per channel (float64), by torch's fused BatchNorm kernel
+    (one pass over x and one written output; reductions over (N, *) by hand are several times slower
+    on CPU). bf16/fp16 input is read in float32."""
+    xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    _, mean, invstd = torch.native_batch_norm(xs, None, None, None, None, True, 0.0, 0.0)  # eps 0: invstd^-2 = var
+    return mean.double(), invstd.double().pow(-2)
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """Forward: the global statistics from one all-reduce of (sum, sum of squares, count) per channel,
+    then torch's BatchNorm kernel in eval form with them. Backward: torch's kernel gives the local
+    sums of dy and dy * (x - mean) with the weight's and bias's gradients; one all-reduce makes them
+    global, and the input's gradient gets the two terms that the global statistics add."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float):  # type: ignore[override]
+        mean, var = _local_stats(x)
+        n, channels = x.numel() // x.shape[1], x.shape[1]
+        total = torch.cat([n * mean, n * (var + mean * mean), mean.new_full((1,), n)])
+        dist.all_reduce(total)
+        count = total[-1]
+        mean = total[:channels] / count
+        var = (total[channels:-1] / count - mean * mean).clamp(min=0)
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        mean_, var_ = mean.to(dtype), var.to(dtype)
+        y = torch.nn.functional.batch_norm(x, mean_, var_, weight, bias, False, 0.0, eps)
+        ctx.save_for_backward(x, weight, mean_, var_, count)
+        ctx.eps = eps
+        ctx.mark_non_differentiable(mean, var, count)
+        return y, mean, var, count
+
+    @staticmethod
+    def backward(ctx, dy, _mean, _var, _count):  # type: ignore[override]
+        x, weight, mean, var, count = ctx.saved_tensors
+        dy = dy.contiguous()
+        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            dy, x, weight, mean, var, None, None, False, ctx.eps, [True, True, True]
+        )  # eval form: grad_x = dy * weight * invstd; grad_w = sum(dy * xhat), grad_b = sum(dy) over this rank
+        invstd = torch.rsqrt(var + ctx.eps)
+        sums = torch.cat([grad_b.to(mean.dtype), grad_w.to(mean.dtype)])
+        dist.all_reduce(sums)
+        sum_dy, sum_dy_xhat = sums.chunk(2)
+        scale = invstd if weight is None else invstd * weight.to(mean.dtype)
+        slope = -scale * invstd * sum_dy_xhat / count  # grad_x -= scale * (sum_dy + xhat * sum_dy_xhat) / count
+        offset = -scale * sum_dy / count - slope * mean
+        shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+        # Two in-place passes over grad_x (CPU has no public kernel for "backward with given sums").
+        grad_x.add_(offset.view(shape).to(grad_x.dtype)).addcmul_(x, slope.view(shape).to(x.dtype))
+        needs = ctx.needs_input_grad
+        return grad_x, grad_w if needs[1] else None, grad_b if needs[2] else None, None
+
+
+class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the global batch, on gloo and nccl alike.
+
+    torch's SyncBatchNorm needs CUDA kernels; this one uses torch's BatchNorm kernels of every device.
+    In training mode with a process group of more than one rank, each rank's count, sum and sum of
+    squares per channel (from its float32 (float64) mean and variance, combined in float64 so that a
+    mean far from zero does not cancel the variance away) are summed over the ranks: one all-reduce
+    of 2C+1 values per layer per forward and one of 2C per backward, no host read; the arithmetic
+    adds about one pass over the input forward and two backward (benchmarks/results/syncbn.md: one
+    layer 1.7x, a step 1.09x on 2 CPU ranks). N ranks x B/N then give the statistics,
+    loss and gradients of 1 x B, and every rank updates its running statistics alike. Otherwise
+    (eval mode, one process) it is torch's BatchNorm. Every rank must run the same layers in the same
+    order, as for any collective.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"SyncBatchNorm expects (N, C, ...) input, got {x.dim()}D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        if not (self.training or self.running_mean is None) or not _active():
+            return super().forward(x)
+        with collective("BatchNorm statistics all-reduce"):
+            y, mean, var, count = _SyncBatchNormFunction.apply(x, self.weight, self.bias, self.eps)
+        if self.training and self.track_running_stats:
+            self._update_running_stats(mean, var, count)
+        return y
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
+        """As torch's BatchNorm: momentum, or a cumulative average when it is None; unbiased variance.
+        The factor stays on the device (torch's BatchNorm reads num_batches_tracked on the host)."""
+        assert self.running_mean is not None and self.running_var is not None and self.num_batches_tracked is not None
+        self.num_batches_tracked.add_(1)
+        unbiased = var * count / (count - 1)
+        for running, value in ((self.running_mean, mean), (self.running_var, unbiased)):
+            if self.momentum is None:
+                running.lerp_(value.to(running.dtype), 1.0 / self.num_batches_tracked.to(running.dtype))
+            else:
+                running.lerp_(value.to(running.dtype), self.momentum)
+
+
+def sync_bn_enabled(setting: SyncBN, world_size: int) -> bool:
+    """train.sync_bn: "auto" synchronises BatchNorm when there is more than one rank."""
+    return world_size > 1 if setting == "auto" else bool(setting)
+
+
+def convert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Every BatchNorm of `module` made a `SyncBatchNorm` holding the same parameters and buffers
+    (state_dict keys unchanged); returns the module (a new one only when `module` is a BatchNorm)."""
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, SyncBatchNorm):
+        converted = SyncBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
+        converted.weight, converted.bias = module.weight, module.bias  # the same Parameters
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            setattr(converted, name, getattr(module, name))
+        converted.train(module.training)
+        return converted
+    for name, child in module.named_children():
+        module.add_module(name, convert_sync_batchnorm(child))
+    return module

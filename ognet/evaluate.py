@@ -54,6 +54,22 @@ def rank_slice(n: int, info: dist.DistInfo) -> np.ndarray:
     return np.array_split(np.arange(n), info.world_size)[info.rank]
 
 
+def test_views(xyz: torch.Tensor, scales: tuple[float, ...], flip: bool) -> list[torch.Tensor]:
+    """The test-time views of a batch: xyz at each of `scales`, and with `flip` their x-mirrors."""
+    views = [xyz * s for s in scales]
+    if flip:
+        views += [v * torch.tensor([-1.0, 1.0, 1.0], device=xyz.device) for v in views]
+    return views
+
+
+def pad_batch(xyz: torch.Tensor, rgb: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch padded to `size` clouds with copies of its last cloud."""
+    pad = size - len(xyz)
+    if pad <= 0:
+        return xyz, rgb
+    return tuple(torch.cat([t, t[-1:].expand(pad, *t.shape[1:])]) for t in (xyz, rgb))
+
+
 @torch.no_grad()
 def embed(model: nn.Module, xyz: torch.Tensor, rgb: torch.Tensor, config: Config) -> torch.Tensor:
     """L2-normalised test features of a batch: the sum of the features of the test-time views
@@ -62,13 +78,9 @@ def embed(model: nn.Module, xyz: torch.Tensor, rgb: torch.Tensor, config: Config
     A batch shorter than `eval.batch_size` is padded with copies of its last cloud: BLAS picks its
     kernels by batch size, so a sample's feature would otherwise differ in the last bits between
     world sizes. Every forward has the same shape on any rank."""
-    n, pad = len(xyz), config.eval.batch_size - len(xyz)
-    if pad > 0:
-        xyz, rgb = (torch.cat([t, t[-1:].expand(pad, *t.shape[1:])]) for t in (xyz, rgb))
-    views = [xyz * s for s in config.eval.scales]
-    if config.eval.flip:
-        views += [v * torch.tensor([-1.0, 1.0, 1.0], device=xyz.device) for v in views]
-    f = sum(model(v, rgb).feature.float() for v in views)[:n]
+    n = len(xyz)
+    xyz, rgb = pad_batch(xyz, rgb, config.eval.batch_size)
+    f = sum(model(v, rgb).feature.float() for v in test_views(xyz, config.eval.scales, config.eval.flip))[:n]
     return f / (f.norm(dim=1, keepdim=True) + 1e-6)
 
 

@@ -7,10 +7,7 @@ the time and the rank.
 
 from __future__ import annotations
 
-import faulthandler
 import logging
-import signal
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,18 +18,8 @@ from torch.utils.tensorboard.summary import hparams
 from ognet.config import flatten
 from ognet.pictures import point_spacing
 
-STACK_DUMP_SIGNAL = signal.SIGUSR2
 MESH_POINT_SIZE = 1.5  # in point spacings: neighbouring points overlap, the surface reads as closed
 log = logging.getLogger("ognet")
-
-
-def enable_stack_dumps() -> None:
-    """SIGUSR2 prints every thread's Python stack to stderr and the process goes on (DataLoader
-    workers, forked later, too): where a run that stopped making progress waits. `kill -USR2 PID`,
-    or every rank of a torchrun: `pkill -USR2 -f -- "-u .*launch/train.py"` (not torchrun itself,
-    which USR2 would end)."""
-    if sys.__stderr__ is not None:  # the process's own stderr, also where sys.stderr is replaced (pytest)
-        faulthandler.register(STACK_DUMP_SIGNAL, file=sys.__stderr__, all_threads=True)
 
 
 class Monitor:

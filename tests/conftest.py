@@ -1,7 +1,14 @@
 """Fixtures shared by several test files (data set fixtures live in data_fixtures.py)."""
 
+import os
+
 import pytest
 import torch
+
+# Under pytest-xdist each worker shares the cores with the others: one intra-op thread per worker
+# avoids oversubscription (the tests' subprocesses already run with OMP_NUM_THREADS=1).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +25,6 @@ def require(module: str, why: str):
     """Import `module` for a test that needs it. Missing: outside CI the test skips saying why; under
     CI (the `CI` variable set) it fails, naming what is missing, since CI must run everything."""
     import importlib
-    import os
 
     try:
         return importlib.import_module(module)
@@ -31,7 +37,6 @@ def require(module: str, why: str):
 
 def require_program(program: str, why: str) -> str:
     """The path of an executable a test needs; missing: skip outside CI, fail under CI."""
-    import os
     import shutil
 
     path = shutil.which(program)
@@ -41,3 +46,20 @@ def require_program(program: str, why: str) -> str:
             pytest.fail(f"{message}; under CI nothing may be skipped", pytrace=False)
         pytest.skip(message)
     return path
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under pytest-xdist with `--dist loadgroup` (tests/run.sh), the tests of a module that share a
+    module- or session-scoped fixture of its own (often a training run, or the SLURM cluster) stay on
+    one worker, so that fixture is made once; every other test is handed out on its own."""
+    for item in items:
+        module = getattr(item, "module", None)
+        info = getattr(item, "_fixtureinfo", None)
+        if module is None or info is None:
+            continue
+        if any(
+            d.scope in ("module", "session") and getattr(d.func, "__module__", None) == module.__name__
+            for defs in info.name2fixturedefs.values()
+            for d in defs
+        ):
+            item.add_marker(pytest.mark.xdist_group(module.__name__))

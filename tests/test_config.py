@@ -59,6 +59,22 @@ def test_bad_values_name_the_key(override, message):
         load_config(None, overrides)
 
 
+@pytest.mark.parametrize(("value", "expected"), [("auto", "auto"), ("true", True), ("false", False)])
+def test_a_literal_or_bool_key_takes_either_from_the_command_line_and_yaml(tmp_path, value, expected):
+    assert load_config(None, [f"train.sync_bn={value}"]).train.sync_bn == expected
+    (tmp_path / "c.yaml").write_text(f"train: {{sync_bn: {value}}}\n")
+    config = load_config(tmp_path / "c.yaml")
+    assert config.train.sync_bn == expected and type(config.train.sync_bn) is type(expected)
+    save_config(config, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == config
+
+
+@pytest.mark.parametrize("value", ["Auto", "1", "null"])
+def test_a_literal_or_bool_key_refuses_other_values_naming_them(value):
+    with pytest.raises(ConfigError, match=r"config key train.sync_bn must be 'auto' or bool, got"):
+        load_config(None, [f"train.sync_bn={value}"])
+
+
 def test_yaml_1_1_exponents_and_tuples():
     config = load_config(None, ["optim.lr=4e-3", "optim.betas=[0.5, 0.9]"])
     assert config.optim.lr == 0.004 and config.optim.betas == (0.5, 0.9)

@@ -42,6 +42,7 @@ def test_slurm_tasks_without_torchrun(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_a_stuck_collective_fails_after_the_timeout(tmp_path):
     # Rank 1 never joins rank 0's barrier; init_distributed(timeout_s=3) must make rank 0 fail.
     procs = start_slurm_tasks("collectives.py", 2, str(tmp_path), "stuck")

@@ -167,6 +167,7 @@ def test_dropped_connections_are_retried_with_a_warning_naming_the_url(tiny_root
     assert "attempt 2/3 failed" in caplog.text
 
 
+@pytest.mark.serial
 def test_a_stalled_server_fails_within_the_timeout_naming_the_url_and_sample(tiny_shards, tmp_path):
     with FileServer(tiny_shards) as server:
         reader = ShardReader(f"{server.url}/query", options=options(tmp_path, cache_bytes=0))
@@ -275,6 +276,7 @@ def test_the_readme_s3_example_works_as_written(tiny_root, tiny_shards, tmp_path
     assert 'Key "nowhere/index.json" does not exist' in str(info.value)
 
 
+@pytest.mark.serial
 def test_a_stalled_pipe_command_is_stopped_after_the_timeout(tiny_shards, tmp_path):
     shutil.copytree(tiny_shards / "query", tmp_path / "query")
     location = f"pipe:case {{}} in *.tar) sleep 60;; esac; cat {tmp_path}/query/{{}}"

@@ -2,22 +2,26 @@
 
 Each job has 2 tasks on the one node: two torchrun "nodes" of one process each, joined by a c10d
 rendezvous, as on two machines. The cluster is started once per session and stopped at its end,
-every daemon by its pid. slurm-wlm and munge are installed with apt when missing and this is
-root; elsewhere the tests skip with the reason, except under CI (CI set), where they fail.
+every daemon by its pid. slurm-wlm and munge are installed by the test command (tests/run.sh)
+before pytest starts; without them the tests skip with the reason, except under CI (CI set), where
+they fail.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from data_fixtures import tiny_shards  # noqa: F401  (fixture)
@@ -56,22 +60,12 @@ def missing() -> list[str]:
     return [exe for exe in NEEDED if shutil.which(exe, path=SBIN_PATH) is None]
 
 
-def install_slurm(say) -> str | None:
-    """Install slurm-wlm and munge when they are missing; None when usable, else why not."""
+def why_not_usable() -> str | None:
+    """None when the SLURM programs are here; else what is missing. The test command (tests/run.sh)
+    installs them before pytest starts, so a test never runs apt."""
     if not missing():
         return None
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        return f"{', '.join(missing())} not found, and installing slurm-wlm and munge needs root and apt-get"
-    say("[test_slurm] slurm-wlm/munge missing: apt-get update && apt-get install -y slurm-wlm munge")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "slurm-wlm", "munge"]):
-        try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        except subprocess.TimeoutExpired:
-            return f"{' '.join(cmd)} timed out"
-        if proc.returncode != 0:
-            return f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr[-2000:]}"
-    return None if not missing() else f"still missing after apt-get: {', '.join(missing())}"
+    return f"{', '.join(missing())} not found: install slurm-wlm and munge (tests/run.sh does, as root)"
 
 
 def cluster_logs(folder: Path) -> str:
@@ -89,7 +83,7 @@ def slurm(request):
         with capture.global_and_fixture_disabled():
             print(message, flush=True)
 
-    reason = install_slurm(say)
+    reason = why_not_usable()
     if reason:
         if os.environ.get("CI"):
             pytest.fail(f"SLURM tests must run in CI: {reason}")
@@ -137,13 +131,30 @@ def wait_until_ended(env: dict, job_id: str, log: Path, timeout: float) -> dict[
     deadline = time.monotonic() + timeout
     while (state := job(env, job_id))["JobState"] not in ENDED:
         if time.monotonic() > deadline:
-            # Every thread's stack into the job's log (ognet.monitor.enable_stack_dumps): where it hangs.
-            subprocess.run(["pkill", "-USR2", "-f", "--", r"-u .*launch/(train|evaluate)\.py"], timeout=30)
+            # Every thread's stack into the job's log (ognet.stack_dumps): where it hangs.
+            for pid in rank_pids(env, job_id):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGUSR2)
             time.sleep(3)
             subprocess.run(["scancel", job_id], env=env, timeout=30)
             raise AssertionError(f"job {job_id} not done after {timeout} s ({state})\n{read(log)[-30000:]}")
         time.sleep(0.5)
     return state
+
+
+def rank_pids(env: dict, job_id: str) -> list[int]:
+    """The training or evaluation processes of a job on this node: of the pids of its steps
+    (`scontrol listpids`), those torchrun started (torchrun itself would die of USR2)."""
+    proc = subprocess.run(["scontrol", "listpids", job_id], env=env, capture_output=True, text=True, timeout=30)
+    pids = [int(row.split()[0]) for row in proc.stdout.splitlines() if row.split() and row.split()[0].isdigit()]
+    ranks = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            parent = psutil.Process(pid).parent()
+            launcher = [Path(arg).name for arg in parent.cmdline()[:2]] if parent is not None else []
+            if len(launcher) == 2 and launcher[0].startswith("python") and launcher[1] == "torchrun":
+                ranks.append(pid)  # not srun's own processes, whose command lines name torchrun too
+    return ranks
 
 
 def wait_for_line(env: dict, job_id: str, log: Path, text: str, timeout: float) -> None:

@@ -30,8 +30,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ognet.errors import ConfigError
-from ognet.model.blocks import MaxMeanPool, MaxPool, PointwiseConv, SetAbstraction, edge_features, max_last
+from ognet.model.blocks import (
+    MaxMeanPool,
+    MaxPool,
+    PointwiseConv,
+    SetAbstraction,
+    edge_features,
+    max_last,
+)
+from ognet.model.edgeconv import edge_conv_gathered, edge_conv_pooled, fusable
 from ognet.model.ops import gather_points, point_ops
+
+EdgeConvPath = Literal["fused", "gather", "edge_tensor"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,11 @@ class OGNetConfig:
     use_se: bool = True  # SE gate inside set-abstraction MLPs
     radii: tuple[float, ...] = (0.1, 0.2, 0.4)
     nsamples: tuple[int, ...] = (8, 16, 32)
+    # how EdgeConv computes (same values up to rounding, see model/edgeconv.py): "fused" conv per
+    # point, BatchNorm and pooling from per-point sums; "gather" conv per point, then gathered;
+    # "edge_tensor" the original's 1x1 conv over the (B, 2C, N, k) edge tensor. Unless
+    # edge_tensor, set abstraction's first conv also runs per point before grouping
+    edge_conv: str = "fused"
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ConfigError:
@@ -80,6 +95,8 @@ class OGNetConfig:
             raise bad("id_skip", "supported values are 0 (none) and 2 (learnable residual)")
         if self.norm not in ("bn2", "bn"):
             raise bad("norm", "expected 'bn2' or 'bn'")
+        if self.edge_conv not in get_args(EdgeConvPath):
+            raise bad("edge_conv", f"expected one of {get_args(EdgeConvPath)}")
         if not 0 <= self.dropout < 1:
             raise bad("dropout", "must be in [0, 1)")
         if not self.radii or len(self.radii) != len(self.nsamples):
@@ -146,7 +163,7 @@ class OGNet(nn.Module):
                 self.agg.append(MaxMeanPool() if c.gem else MaxPool())
                 self.bn.append(norm(dim))
         self.sa = nn.ModuleList(
-            SetAbstraction(npoint, dims[i], c.radii, c.nsamples, c.use_xyz, c.use_se)
+            SetAbstraction(npoint, dims[i], c.radii, c.nsamples, c.use_xyz, c.use_se, c.edge_conv != "edge_tensor")
             for i, npoint in enumerate(self.sa_layers)
             if npoint is not None
         )
@@ -186,7 +203,11 @@ class OGNet(nn.Module):
         # The last layer finds neighbours in xyz||feature space, the others in xyz space.
         space = torch.cat([xyz_t, h], dim=1) if last_layer else xyz_t
         idx = point_ops().knn(space, self.config.k)
-        e = self.conv[n](edge_features(h, idx))
+        path = self.config.edge_conv
+        if path == "fused" and fusable(self.bn[n]):
+            return F.leaky_relu(edge_conv_pooled(self.conv[n], self.bn[n], self.agg[n], h, idx), 0.2)
+        gathered = path != "edge_tensor"
+        e = edge_conv_gathered(self.conv[n], h, idx) if gathered else self.conv[n](edge_features(h, idx))
         if self.config.norm == "bn2":
             e = self.bn[n](e)
         h = self.agg[n](e)

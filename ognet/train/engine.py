@@ -8,6 +8,7 @@ checkpoint must hold of it (`stateful`: saved by the main rank; `partitioned`: s
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -91,6 +92,11 @@ def poisoned(loss: torch.Tensor, factor: float) -> torch.Tensor:
     return loss * torch.where(torch.isfinite(loss), factor, torch.nan)
 
 
+# torch 2.13 renamed DDP's broadcast_buffers (deprecated, still honoured) to forward_sync_buffers.
+_DDP_PARAMETERS = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+_NO_FORWARD_BUFFER_SYNC = "forward_sync_buffers" if "forward_sync_buffers" in _DDP_PARAMETERS else "broadcast_buffers"
+
+
 class DDPEngine:
     """DistributedDataParallel (or the bare model in one process), autocast, fp16 grad scaling.
 
@@ -104,7 +110,11 @@ class DDPEngine:
         self.optimizer = make_optimizer(model, config, fused=True)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         ids = [info.device.index] if info.device.type == "cuda" else None
-        self.model = nn.parallel.DistributedDataParallel(model, device_ids=ids) if info.backend else model
+        # Synchronised BatchNorm keeps the statistics equal on every rank: no broadcast of rank 0's
+        # buffers before each forward (one collective per step saved).
+        synced = dist.sync_bn_enabled(config.train.sync_bn, info.world_size)
+        options = {_NO_FORWARD_BUFFER_SYNC: False} if synced else {}
+        self.model = nn.parallel.DistributedDataParallel(model, device_ids=ids, **options) if info.backend else model
         self.stateful: dict[str, Stateful] = {"optimizer": self.optimizer}
         if self.scaler is not None:
             self.stateful["scaler"] = self.scaler

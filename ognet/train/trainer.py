@@ -51,10 +51,14 @@ class Trainer:
         self.data = train_data(config, info)  # reads the index; impossible sampling fails here, on every rank
         set_point_ops(select_point_ops(config.model.point_ops, info.device))
         torch.manual_seed(t.seed)  # identical initial weights on every rank
-        self.model = build_model(config.model.variant, self.data.num_classes, **config.model.overrides).to(info.device)
-        self.spec = model_spec(config.model.variant, self.data.num_classes, config.model.overrides)
+        options = config.model.options()
+        self.model = build_model(config.model.variant, self.data.num_classes, **options).to(info.device)
+        self.spec = model_spec(config.model.variant, self.data.num_classes, options)
         resuming = latest_checkpoint(self.run_dir / "checkpoints") is not None
         self.initialised = init_weights(self.model, t.init_from) if t.init_from and not resuming else None
+        self.sync_bn = dist.sync_bn_enabled(t.sync_bn, info.world_size)
+        if self.sync_bn:  # before the engine, which wraps the model (state_dict keys unchanged)
+            self.model = dist.convert_sync_batchnorm(self.model)
         self.engine = build_engine(self.model, config, info, self.data.local_batch_size)
         self.rollback = BufferRollback(self.model)  # after the engine, which may cast the buffers anew
         self.loss_fn = ReidLoss(
@@ -146,7 +150,7 @@ class Trainer:
         """Forward, loss, backward and step, and the rollback of BatchNorm's statistics when the step
         is not taken. No host synchronisation (DDP engine)."""
         self.rollback.save()  # one copy per dtype of the buffers
-        with self.engine.autocast(), dist.collective("forward (DDP buffer broadcast)"):
+        with self.engine.autocast(), dist.collective("forward (DDP buffer broadcast or BatchNorm all-reduces)"):
             out = self.engine.model(xyz, rgb)
         feature = out.circle_feature if self.config.loss.feature == "dropout" else out.feature
         terms = self.loss_fn(out.logits.float(), labels, feature.float())
@@ -241,9 +245,11 @@ class Trainer:
             self.results = self.evaluate(self.model)
 
     def evaluate(self, model: nn.Module, tag: str = "eval") -> dict[str, Any]:
-        """Evaluate with rank 0's BatchNorm statistics on every rank: DDP broadcasts them only at the
-        next forward, so after a step each rank still holds the ones its own batch moved."""
-        dist.broadcast_buffers(model)
+        """Evaluate with the same BatchNorm statistics on every rank. Synchronised BatchNorm keeps them
+        equal; otherwise rank 0's are broadcast: DDP broadcasts them only at the next forward (and
+        DeepSpeed never), so after a step each rank still holds the ones its own batch moved."""
+        if not self.sync_bn:
+            dist.broadcast_buffers(model)
         return evaluate_model(model, self.config, self.info, self.monitor, self.progress.global_step, tag=tag)
 
     def finish(self) -> dict[str, Any]:

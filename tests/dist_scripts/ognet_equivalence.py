@@ -1,12 +1,11 @@
-"""OG-Net's loss and parameter gradients on a fixed global batch: 2 ranks x B/2 under DDP versus
-one process x B.
+"""OG-Net's loss, parameter gradients, updated weights and BatchNorm statistics after one training
+step on a fixed global batch: 2 ranks x B/2 under DDP versus one process x B.
 
-BatchNorm uses its running statistics (eval mode) and dropout is off, because on CPU torch's
-SyncBatchNorm does not run: with per-rank batch statistics the two set-ups would legitimately
-differ. Everything else (the all-gathered circle loss, DDP averaging) is the real training path.
-Writes OUT/rank<r>.pt with the loss and every gradient (tensors only).
+BatchNorm is in training mode, synchronised over the ranks (ognet.dist.convert_sync_batchnorm,
+as train.sync_bn does); dropout is off. Everything else (the all-gathered circle loss, DDP
+averaging, Adam) is the real training path. Writes OUT/rank<r>.pt (tensors only).
 
-usage: ognet_equivalence.py OUT
+usage: ognet_equivalence.py OUT [NORM]     NORM: bn2 (default, BatchNorm2d) or bn (BatchNorm1d)
 """
 
 import sys
@@ -22,16 +21,15 @@ from ognet.model import build_model
 LABELS = [0, 1, 2, 0, 3, 1, 2, 3]
 
 
-def main(out: Path) -> None:
+def main(out: Path, norm: str) -> None:
     torch.set_default_dtype(torch.float64)
     info = dist.init_distributed(timeout_s=120)
     torch.manual_seed(0)
-    model = build_model("ognet-small", 4, init_points=32, k=4, dropout=0.0)
+    model = dist.convert_sync_batchnorm(build_model("ognet-small", 4, init_points=32, k=4, dropout=0.0, norm=norm))
     model.train()
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.eval()
-    net = DistributedDataParallel(model) if info.backend else model
+    # The statistics are equal on every rank by construction: no broadcast of rank 0's (as the engine).
+    net = DistributedDataParallel(model, broadcast_buffers=False) if info.backend else model
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, amsgrad=True, weight_decay=5e-4)
     g = torch.Generator().manual_seed(1)
     xyz, rgb = torch.randn(len(LABELS), 128, 3, generator=g) * 0.3, torch.rand(len(LABELS), 128, 3, generator=g) - 0.5
     labels = torch.tensor(LABELS)
@@ -42,10 +40,12 @@ def main(out: Path) -> None:
     terms = ReidLoss(circle=True, gamma=64.0)(out_.logits, labels[local], out_.circle_feature)
     terms.loss.backward()
     result = {"loss": terms.total}
-    result.update({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+    result.update({f"grad/{name}": p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+    optimizer.step()
+    result.update({f"state/{name}": v.clone() for name, v in model.state_dict().items()})
     torch.save(result, out / f"rank{info.rank}.pt")
     dist.cleanup()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "bn2")

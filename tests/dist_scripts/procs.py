@@ -7,6 +7,7 @@ the processes' output.
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -19,9 +20,18 @@ LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, from a range of its own per pytest-xdist worker (gw0: 20000-24999, gw1:
+    25000-29999, ...), so that two workers never pick the same one between its check and its use."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    low = 20000 + 5000 * (worker % 8)
+    for port in random.Random().sample(range(low, low + 5000), 5000):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {low}-{low + 4999}")
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -1,0 +1,79 @@
+"""One EdgeConv layer (conv, BatchNorm2d, max/mean pooling, LeakyReLU), forward + backward, per path.
+
+    python benchmarks/edge_conv_layer.py [--batch 4] [--shapes 3:64:4096 64:128:768] [--k 20] [--repeats 5] [--compile]
+
+Paths: `edge_tensor` (the original's), `gather`, `fused` (ognet/model/edgeconv.py); `--compile` adds
+each under torch.compile. Timed interleaved with 1 thread; process CPU time (steadier than wall time
+on a shared machine), median of the repeats after one warm-up (which also compiles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ognet.model.blocks import MaxMeanPool, PointwiseConv, edge_features  # noqa: E402
+from ognet.model.edgeconv import edge_conv_gathered, edge_conv_pooled  # noqa: E402
+from ognet.model.ops import knn  # noqa: E402
+
+
+def layer_paths(c_in: int, c_out: int) -> dict[str, Callable[[Tensor, Tensor], Tensor]]:
+    torch.manual_seed(0)
+    conv, bn, pool = PointwiseConv(2 * c_in, c_out), nn.BatchNorm2d(c_out), MaxMeanPool()
+    return {
+        "edge_tensor": lambda h, idx: F.leaky_relu(pool(bn(conv(edge_features(h, idx)))), 0.2),
+        "gather": lambda h, idx: F.leaky_relu(pool(bn(edge_conv_gathered(conv, h, idx))), 0.2),
+        "fused": lambda h, idx: F.leaky_relu(edge_conv_pooled(conv, bn, pool, h, idx), 0.2),
+    }
+
+
+def step_seconds(fn: Callable[[Tensor, Tensor], Tensor], h: Tensor, idx: Tensor, weights: Tensor) -> float:
+    """Process CPU seconds of one forward + backward."""
+    start = time.process_time()
+    (fn(h, idx) * weights).sum().backward()
+    return time.process_time() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--shapes", nargs="+", default=["3:64:4096", "64:128:768"], help="C_in:C_out:points")
+    parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="also each path under torch.compile")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(f"Command: `python benchmarks/edge_conv_layer.py {' '.join(sys.argv[1:])}`\n")
+    print("| C in -> out, points | path | ms (process CPU, fwd+bwd) | vs edge_tensor |\n|---|---|---|---|")
+    for shape in args.shapes:
+        c_in, c_out, n = (int(x) for x in shape.split(":"))
+        paths = layer_paths(c_in, c_out)
+        if args.compile:
+            paths.update({f"{name} (compiled)": torch.compile(fn) for name, fn in list(paths.items())})
+        h = torch.randn(args.batch, c_in, n, requires_grad=True)
+        idx = knn(torch.randn(args.batch, 3, n), args.k)
+        weights = torch.randn(args.batch, c_out, n)
+        times: dict[str, list[float]] = {name: [] for name in paths}
+        for fn in paths.values():
+            step_seconds(fn, h, idx, weights)  # warm-up (and compilation)
+        for _ in range(args.repeats):
+            for name, fn in paths.items():
+                times[name].append(step_seconds(fn, h, idx, weights))
+        base = statistics.median(times["edge_tensor"])
+        for name, values in times.items():
+            median = statistics.median(values)
+            print(f"| {c_in} -> {c_out}, {n} | {name} | {median * 1e3:.0f} | {base / median:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
