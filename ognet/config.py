@@ -35,6 +35,7 @@ from ognet.io import atomic_write, read_yaml_mapping
 from ognet.losses import GAMMA, CircleForm
 from ognet.metrics import APMode
 from ognet.model.network import EdgeConvPath, Variant
+from ognet.model.ops import PointOpsName
 from ognet.rank_lists import RankListSelect
 
 Backend = Literal["ddp", "deepspeed"]
@@ -74,6 +75,9 @@ class DataConfig:
 class ModelConfig:
     variant: Variant = "ognet"  # OG-Net, OG-Net-Small or OG-Net-Deep
     overrides: dict = field(default_factory=dict)  # constructor options, e.g. {k: 9}
+    # FPS and ball query: reference (pure PyTorch, any device) | triton (one kernel launch per call,
+    # CUDA; pip install triton) | auto (triton on CUDA when installed, else reference). Same indices.
+    point_ops: PointOpsName = "auto"
     # EdgeConv's computation, same values up to rounding: fused (conv per point, BatchNorm and pooling
     # from per-point sums; fastest), gather (conv per point, then gathered), edge_tensor (the original's)
     edge_conv: EdgeConvPath = "fused"

@@ -36,7 +36,7 @@ from ognet.data.shards import ShardReader
 from ognet.errors import ShardError
 from ognet.io import atomic_write
 from ognet.metrics import PerQueryResult, format_result_line, rank_queries, reduce_results
-from ognet.model import OGNet, build_from_spec
+from ognet.model import OGNet, build_from_spec, select_point_ops, set_point_ops
 from ognet.monitor import Monitor
 from ognet.rank_lists import write_rank_lists
 from ognet.session import session
@@ -264,6 +264,7 @@ def evaluate_checkpoint(config: Config, checkpoint: str | Path) -> dict[str, Any
     logged at the training step the checkpoint was written at (0 if it does not say)."""
     out_dir = Path(config.run_dir)
     with session(out_dir, "eval.log", config.train.collective_timeout_s) as (info, monitor):
+        set_point_ops(select_point_ops(config.model.point_ops, info.device))
         payload = load_checkpoint(checkpoint, map_location=info.device)
         model = _model_from(payload, str(checkpoint)).to(info.device)
         step = int(payload.get("step", 0))

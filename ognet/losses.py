@@ -28,49 +28,54 @@ def _cosine_similarity(features: torch.Tensor) -> torch.Tensor:
     return f @ f.t()
 
 
-def _zero_like_loss(features: torch.Tensor) -> torch.Tensor:
-    """A zero that backward can go through, so every rank runs the same backward collectives."""
-    return features.sum() * 0.0
+def _masked_logsumexp(
+    logits: torch.Tensor, mask: torch.Tensor, dim: int | tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logsumexp over the entries where `mask`, and whether there was any. Without any the value is
+    a finite stand-in, so that a `torch.where` dropping it keeps finite gradients: no host read."""
+    found = mask.any(dim, keepdim=True)
+    masked = torch.where(found, torch.where(mask, logits, float("-inf")), 0.0)
+    return torch.logsumexp(masked, dim), found.squeeze(dim)
 
 
 def circle_loss(features: torch.Tensor, labels: torch.Tensor, m: float = 0.25, gamma: float = GAMMA) -> torch.Tensor:
     """OG-Net's circle loss: one logsumexp over all positive and all negative pairs i < j.
 
     Returns the sum-form value before the original's division by the batch size; 0 when the batch
-    has no positive or no negative pair (the original's softplus(-inf)).
+    has no positive or no negative pair (the original's softplus(-inf)). Pairs are selected by
+    masks over the whole similarity matrix, not gathered: no host synchronisation.
     """
     n = features.shape[0]
-    i, j = torch.triu_indices(n, n, offset=1, device=features.device)
-    sim = _cosine_similarity(features)[i, j]
-    same = labels[i] == labels[j]
-    sp, sn = sim[same], sim[~same]
-    if sp.numel() == 0 or sn.numel() == 0:
-        return _zero_like_loss(features)
-    alpha_p = torch.clamp_min(1 + m - sp.detach(), 0)
-    alpha_n = torch.clamp_min(sn.detach() + m, 0)
-    logit_p = -gamma * alpha_p * (sp - (1 - m))
-    logit_n = gamma * alpha_n * (sn - m)
-    return F.softplus(torch.logsumexp(logit_n, 0) + torch.logsumexp(logit_p, 0))
+    upper = torch.ones(n, n, dtype=torch.bool, device=features.device).triu(1)  # pairs i < j
+    sim = _cosine_similarity(features)
+    same = labels[:, None] == labels[None, :]
+    alpha_p = torch.clamp_min(1 + m - sim.detach(), 0)
+    alpha_n = torch.clamp_min(sim.detach() + m, 0)
+    lse_p, any_p = _masked_logsumexp(-gamma * alpha_p * (sim - (1 - m)), upper & same, (0, 1))
+    lse_n, any_n = _masked_logsumexp(gamma * alpha_n * (sim - m), upper & ~same, (0, 1))
+    # without a positive or a negative pair: 0, still a function of the features, so every rank
+    # runs the same backward collectives
+    return torch.where(any_p & any_n, F.softplus(lse_n + lse_p), sim.sum() * 0.0)
 
 
 def circle_loss_per_anchor(
     features: torch.Tensor, labels: torch.Tensor, m: float = 0.25, gamma: float = GAMMA
 ) -> torch.Tensor:
     """fast-reid / pytorch-metric-learning circle loss: per anchor a logsumexp over its positives
-    and one over its negatives, softplus, mean over the anchors that have both (0 if none has)."""
+    and one over its negatives, softplus, mean over the anchors that have both (0 if none has).
+    Anchors are selected by masks: no host synchronisation."""
     n = features.shape[0]
     same = labels[:, None] == labels[None, :]
     pos = same & ~torch.eye(n, dtype=torch.bool, device=features.device)
     neg = ~same
-    anchors = pos.any(1) & neg.any(1)
-    if not anchors.any():
-        return _zero_like_loss(features)
-    sim, pos, neg = _cosine_similarity(features)[anchors], pos[anchors], neg[anchors]
+    sim = _cosine_similarity(features)
     alpha_p = torch.clamp_min(1 + m - sim.detach(), 0)
     alpha_n = torch.clamp_min(sim.detach() + m, 0)
-    logit_p = torch.where(pos, -gamma * alpha_p * (sim - (1 - m)), float("-inf"))
-    logit_n = torch.where(neg, gamma * alpha_n * (sim - m), float("-inf"))
-    return F.softplus(torch.logsumexp(logit_p, 1) + torch.logsumexp(logit_n, 1)).mean()
+    lse_p, any_p = _masked_logsumexp(-gamma * alpha_p * (sim - (1 - m)), pos, 1)
+    lse_n, any_n = _masked_logsumexp(gamma * alpha_n * (sim - m), neg, 1)
+    anchors = any_p & any_n
+    per_anchor = torch.where(anchors, F.softplus(lse_p + lse_n), sim.diagonal() * 0.0)
+    return per_anchor.sum() / anchors.sum().clamp_min(1)
 
 
 @dataclass

@@ -11,7 +11,14 @@ from ognet.model.network import (
     model_config,
     model_spec,
 )
-from ognet.model.ops import PointOps, point_ops, set_point_ops, using_point_ops
+from ognet.model.ops import (
+    PointOps,
+    get_point_ops,
+    point_ops,
+    select_point_ops,
+    set_point_ops,
+    using_point_ops,
+)
 
 __all__ = [
     "VARIANTS",
@@ -25,7 +32,9 @@ __all__ = [
     "load_original",
     "model_config",
     "model_spec",
+    "get_point_ops",
     "point_ops",
+    "select_point_ops",
     "set_point_ops",
     "using_point_ops",
 ]

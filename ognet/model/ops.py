@@ -5,17 +5,24 @@ They reproduce the semantics of the original code (a dense matmul kNN and the mo
 vectorised. The index-producing ops (kNN, FPS, ball query) are reachable through one small
 interface, `PointOps`, so that a faster implementation (a Triton or CUDA kernel, torch_cluster)
 can replace them with `set_point_ops`; the functions here stay as the always-available reference
-and the test oracle. Index ops return int64 indices on the input's device and carry no gradient.
+and the test oracle. `get_point_ops` names the implementations: "reference" (these) and "triton"
+(`ognet.model.triton_ops`, imported only when asked for). Index ops return int64 indices on the
+input's device and carry no gradient.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from ognet.errors import ConfigError
 
 # kNN and ball query work on blocks of B x rows x N scores/distances of at most this many elements
 # instead of B x N x N, so memory stays bounded for any N. On CPU, blocks that fit in cache (4 MiB
@@ -104,6 +111,13 @@ def _squared_distances(centres: Tensor, xyz: Tensor) -> Tensor:
     return d
 
 
+def squared_radius(radius: float, dtype: torch.dtype) -> float:
+    """radius^2 rounded like the kernel's `float radius2 = radius * radius` (in float64 for float64
+    input), computed by numpy on the host: a torch scalar read back would be an aten op per call."""
+    r = np.float64(radius) if dtype == torch.float64 else np.float32(radius)
+    return float(r * r)
+
+
 def _first_in_radius(d2: Tensor, radius2: float, nsample: int) -> Tensor:
     """First `nsample` indices by index order with d2 < radius2, padded with the first hit, else 0."""
     n = d2.shape[-1]
@@ -140,7 +154,7 @@ def ball_query(
         xyz, centres = xyz.detach().to(dtype), centres.detach().to(dtype)
         batch, m, _ = centres.shape
         # radius^2 rounded like the kernel's `float radius2 = radius * radius`
-        radii2 = [float(torch.tensor(r, dtype=dtype).square()) for r in radii]
+        radii2 = [squared_radius(r, dtype) for r in radii]
         parts: list[list[Tensor]] = [[] for _ in radii]
         for rows in _row_chunks(batch, m, xyz.shape[1], max_elements, xyz.device):
             d2 = _squared_distances(centres[:, rows], xyz)
@@ -193,3 +207,39 @@ def using_point_ops(ops: PointOps) -> Iterator[None]:
         yield
     finally:
         set_point_ops(previous)
+
+
+PointOpsName = Literal["auto", "reference", "triton"]  # the config key model.point_ops
+POINT_OPS_CHOICES: tuple[str, ...] = get_args(PointOpsName)
+
+
+def get_point_ops(name: str) -> PointOps:
+    """The implementation called `name`: "reference" or "triton" (a ConfigError naming
+    `model.point_ops` when Triton is not installed)."""
+    if name == "reference":
+        return REFERENCE_OPS
+    if name != "triton":
+        raise ConfigError(f"model.point_ops = {name!r} is not one of {', '.join(POINT_OPS_CHOICES)}")
+    try:
+        from ognet.model.triton_ops import TRITON_OPS  # lazy: CPU users need no Triton
+    except ImportError as e:
+        raise ConfigError(f"model.point_ops=triton needs the triton package (pip install triton): {e}") from e
+    return TRITON_OPS
+
+
+def select_point_ops(name: str, device: torch.device) -> PointOps:
+    """`model.point_ops` for a run on `device`: auto is Triton on CUDA when it imports, else the
+    reference; triton off CUDA needs Triton's interpreter (TRITON_INTERPRET=1, slow: for tests)."""
+    if name == "auto":
+        if device.type != "cuda":
+            return REFERENCE_OPS
+        try:
+            return get_point_ops("triton")
+        except ConfigError:
+            return REFERENCE_OPS
+    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(
+            f"model.point_ops=triton runs on CUDA, not {device.type} (or under TRITON_INTERPRET=1, slowly); "
+            "use auto or reference"
+        )
+    return get_point_ops(name)

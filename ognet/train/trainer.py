@@ -27,7 +27,7 @@ from ognet.data.loading import train_data
 from ognet.errors import OgnetError, Preempted
 from ognet.evaluate import evaluate_model, metric_tags
 from ognet.losses import LossTerms, LossWarmup, ReidLoss
-from ognet.model import build_model, model_spec
+from ognet.model import build_model, model_spec, select_point_ops, set_point_ops
 from ognet.monitor import Monitor
 from ognet.pictures import pid_text
 from ognet.train.agreement import Agreement, Verdict
@@ -49,6 +49,7 @@ class Trainer:
         self.config, self.info, self.monitor, t = config, info, monitor, config.train
         self.run_dir = Path(config.run_dir)
         self.data = train_data(config, info)  # reads the index; impossible sampling fails here, on every rank
+        set_point_ops(select_point_ops(config.model.point_ops, info.device))
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         options = config.model.options()
         self.model = build_model(config.model.variant, self.data.num_classes, **options).to(info.device)
@@ -124,14 +125,20 @@ class Trainer:
             disable=not self.info.is_main,
         )
         for xyz, rgb, labels, *replaced in bar:  # replaced: with data.bad_samples=skip
-            self.act_on(self.agreement.verdicts())
-            if p.global_step == 0:
-                self.monitor_clouds(xyz, rgb, labels)
-            before = p.copy()
-            self.begin_step()
-            terms, result = self.train_step(*(x.to(self.info.device, non_blocking=True) for x in (xyz, rgb, labels)))
-            self.vote(before, replaced, terms, result)
-            self.end_step(terms, result, len(labels))
+            self.step(xyz, rgb, labels, replaced)
+
+    def step(self, xyz: torch.Tensor, rgb: torch.Tensor, labels: torch.Tensor, replaced: list[torch.Tensor]) -> None:
+        """One step of a host batch: the previous steps' verdicts the device has reached, the step,
+        its vote, its bookkeeping (a log or checkpoint step reads the device there)."""
+        p = self.progress
+        self.act_on(self.agreement.verdicts())
+        if p.global_step == 0:
+            self.monitor_clouds(xyz, rgb, labels)
+        before = p.copy()
+        self.begin_step()
+        terms, result = self.train_step(*(x.to(self.info.device, non_blocking=True) for x in (xyz, rgb, labels)))
+        self.vote(before, replaced, terms, result)
+        self.end_step(terms, result, len(labels))
 
     def begin_step(self) -> None:
         """The step's learning rate and dropout seed: functions of (epoch, step), so a resume replays them."""
