@@ -102,8 +102,7 @@ def test_dumps_answer_while_the_main_thread_waits_in_a_collective(tmp_path):
         time.sleep(1)  # ranks 0 and 1 are now inside gloo's wait (GIL released)
         early, late = (threads_taking_usr2(proc.pid) for proc, _, _ in ranks[:2])
         assert early == ["python"], early  # only the dumper: gloo's and torch's threads block it too
-        if (os.cpu_count() or 1) > 1:
-            assert len(late) > 1, late  # OpenBLAS's thread as well: the case the relay is for
+        assert len(late) > 1, late  # a thread that predates the mask as well: the case the relay is for
         for n in range(1, 4):
             for proc, _, err in ranks[:2]:
                 os.kill(proc.pid, signal.SIGUSR2)

@@ -84,6 +84,11 @@ def fusable(norm: nn.Module) -> bool:
     return type(norm) in (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
+def uses_batch_stats(norm: nn.Module) -> bool:
+    """Whether BatchNorm normalises by the batch's statistics (training, or no running ones)."""
+    return norm.training or (norm.running_mean is None and norm.running_var is None)
+
+
 def edge_conv_pooled(conv: PointwiseConv, norm: nn.Module, pool: Pool, h: Tensor, idx: Tensor) -> Tensor:
     """pool(norm(conv(edge features))) for a BatchNorm2d `norm`, norm(pool(conv(...))) for a BatchNorm1d.
 
@@ -92,11 +97,15 @@ def edge_conv_pooled(conv: PointwiseConv, norm: nn.Module, pool: Pool, h: Tensor
     y, z = per_point_terms(conv, h)
     if y.dtype in (torch.float16, torch.bfloat16):  # autocast: statistics and pooling in float32
         y, z = y.float(), z.float()
-    # Centring by the per-channel means (constants: the result does not depend on them) keeps
-    # the sums of squares below free of cancellation.
-    y_mean, z_mean = y.detach().mean((0, 2)), z.detach().mean((0, 2))
-    y, z = y - y_mean.unsqueeze(-1), z - z_mean.unsqueeze(-1)
-    shift = (y_mean + z_mean).unsqueeze(-1)
+    # Centring by the per-channel means (constants: the result does not depend on them) keeps the
+    # sums of squares of batch statistics free of cancellation. Only then: with running statistics a
+    # cloud's features must not depend, even by rounding, on the other clouds of its batch.
+    if uses_batch_stats(norm):
+        y_mean, z_mean = y.detach().mean((0, 2)), z.detach().mean((0, 2))
+        y, z = y - y_mean.unsqueeze(-1), z - z_mean.unsqueeze(-1)
+        shift = (y_mean + z_mean).unsqueeze(-1)
+    else:
+        shift = y.new_zeros(y.shape[1], 1)
     if isinstance(norm, nn.BatchNorm1d):
         maximum, total = NeighbourMaxSum.apply(y, idx, pool.uses_mean)
         k = idx.shape[-1]
@@ -113,8 +122,7 @@ def _batch_norm_pooled(norm: nn.BatchNorm2d, pool: Pool, y: Tensor, z: Tensor, s
     sign = torch.where(weight.detach() < 0, -1.0, 1.0).to(y.dtype).unsqueeze(-1)  # max of a·e = a·min(e), a < 0
     signed_max, signed_sum = NeighbourMaxSum.apply(y * sign, idx, True)
     extreme, total = sign * signed_max + z, sign * signed_sum  # max / min of e - shift; sum of y_j
-    batch_stats = norm.training or (norm.running_mean is None and norm.running_var is None)
-    if batch_stats:
+    if uses_batch_stats(norm):
         count = idx.new_zeros(idx.shape[0], y.shape[2], dtype=y.dtype)
         count.scatter_add_(1, idx.reshape(idx.shape[0], -1), torch.ones_like(idx, dtype=y.dtype).view(idx.shape[0], -1))
         n = idx.numel()
