@@ -50,15 +50,17 @@ def require_program(program: str, why: str) -> str:
 
 def pytest_collection_modifyitems(config, items) -> None:
     """Under pytest-xdist with `--dist loadgroup` (tests/run.sh), the tests of a module that share a
-    module- or session-scoped fixture of its own (often a training run, or the SLURM cluster) stay on
-    one worker, so that fixture is made once; every other test is handed out on its own."""
+    module-scoped fixture (often a training run, also one imported from another test file) or a
+    session-scoped one of its own (the SLURM cluster) stay on one worker, so that it is made once;
+    every other test is handed out on its own."""
     for item in items:
         module = getattr(item, "module", None)
         info = getattr(item, "_fixtureinfo", None)
         if module is None or info is None:
             continue
         if any(
-            d.scope in ("module", "session") and getattr(d.func, "__module__", None) == module.__name__
+            (d.scope == "module" and d.argname != "one_thread")  # made once per module, wherever defined
+            or (d.scope == "session" and getattr(d.func, "__module__", None) == module.__name__)
             for defs in info.name2fixturedefs.values()
             for d in defs
         ):

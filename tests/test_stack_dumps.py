@@ -102,7 +102,9 @@ def test_dumps_answer_while_the_main_thread_waits_in_a_collective(tmp_path):
         time.sleep(1)  # ranks 0 and 1 are now inside gloo's wait (GIL released)
         early, late = (threads_taking_usr2(proc.pid) for proc, _, _ in ranks[:2])
         assert early == ["python"], early  # only the dumper: gloo's and torch's threads block it too
-        assert len(late) > 1, late  # a thread that predates the mask as well: the case the relay is for
+        # rank 1 may also have threads that predate its mask (OpenBLAS's pool, where its build starts
+        # one at import: then the relay hands their signals on); its dumps below must come either way
+        assert "python" in late, late
         for n in range(1, 4):
             for proc, _, err in ranks[:2]:
                 os.kill(proc.pid, signal.SIGUSR2)

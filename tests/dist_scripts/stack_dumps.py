@@ -10,14 +10,7 @@ import sys
 from ognet.stack_dumps import block_dump_signal
 
 if sys.argv[1].endswith("-late"):
-    import threading
-    import time
-
-    import numpy  # noqa: F401  OpenBLAS's threads may start now, before the mask (with OMP_NUM_THREADS > 1)
-
-    # Whether OpenBLAS starts its pool at import depends on its build; a thread of our own started
-    # before the mask is the same case for certain: one that may take USR2 (the relay's case).
-    threading.Thread(target=time.sleep, args=(3600,), name="predates-the-mask", daemon=True).start()
+    import numpy  # noqa: F401  OpenBLAS's threads start now, before the mask (with OMP_NUM_THREADS > 1)
 else:
     block_dump_signal()  # as launch/train.py: before numpy and torch start threads
 
