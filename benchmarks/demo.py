@@ -36,7 +36,7 @@ def run_demo(clone: Path) -> tuple[list[float], str]:
         sys.stdout.write(line)
         if len(marks) < len(PHASES) and line.startswith(PHASES[len(marks)]):
             marks.append(time.monotonic() - start)
-        if line.startswith("Rank@1"):
+        if "Rank@1:" in line:  # the last one: the separate evaluation's result line
             rank1 = line.strip()
     if proc.wait():
         sys.exit(f"launch/demo.sh exited {proc.returncode}")
