@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ognet.dist import SyncBatchNorm, global_batch_stats, synchronises, update_running_stats
 from ognet.model.blocks import MaxMeanPool, MaxPool, PointwiseConv
 from ognet.model.ops import group_points
 
@@ -80,8 +81,8 @@ class NeighbourMaxSum(torch.autograd.Function):
 
 
 def fusable(norm: nn.Module) -> bool:
-    """The fused path restates BatchNorm1d/2d exactly; any other norm (SyncBatchNorm) takes `gather`."""
-    return type(norm) in (nn.BatchNorm1d, nn.BatchNorm2d)
+    """The fused path restates BatchNorm1d/2d and ognet's SyncBatchNorm; any other norm takes `gather`."""
+    return type(norm) in (nn.BatchNorm1d, nn.BatchNorm2d, SyncBatchNorm)
 
 
 def uses_batch_stats(norm: nn.Module) -> bool:
@@ -89,8 +90,10 @@ def uses_batch_stats(norm: nn.Module) -> bool:
     return norm.training or (norm.running_mean is None and norm.running_var is None)
 
 
-def edge_conv_pooled(conv: PointwiseConv, norm: nn.Module, pool: Pool, h: Tensor, idx: Tensor) -> Tensor:
-    """pool(norm(conv(edge features))) for a BatchNorm2d `norm`, norm(pool(conv(...))) for a BatchNorm1d.
+def edge_conv_pooled(
+    conv: PointwiseConv, norm: nn.Module, pool: Pool, h: Tensor, idx: Tensor, *, norm_after_pool: bool
+) -> Tensor:
+    """pool(norm(conv(edge features))), or norm(pool(conv(...))) with `norm_after_pool` (a BatchNorm1d).
 
     (B, C', N) before the activation, equal to the edge-tensor computation up to rounding.
     """
@@ -106,7 +109,7 @@ def edge_conv_pooled(conv: PointwiseConv, norm: nn.Module, pool: Pool, h: Tensor
         shift = (y_mean + z_mean).unsqueeze(-1)
     else:
         shift = y.new_zeros(y.shape[1], 1)
-    if isinstance(norm, nn.BatchNorm1d):
+    if norm_after_pool:
         maximum, total = NeighbourMaxSum.apply(y, idx, pool.uses_mean)
         k = idx.shape[-1]
         mean = total / k + z if pool.uses_mean else None
@@ -114,7 +117,7 @@ def edge_conv_pooled(conv: PointwiseConv, norm: nn.Module, pool: Pool, h: Tensor
     return _batch_norm_pooled(norm, pool, y, z, shift, idx)
 
 
-def _batch_norm_pooled(norm: nn.BatchNorm2d, pool: Pool, y: Tensor, z: Tensor, shift: Tensor, idx: Tensor) -> Tensor:
+def _batch_norm_pooled(norm: nn.Module, pool: Pool, y: Tensor, z: Tensor, shift: Tensor, idx: Tensor) -> Tensor:
     """BatchNorm2d over e = y_j + z_i + shift (B, C, N, k), then pooled over k, from (B, C, N) terms."""
     k = idx.shape[-1]
     weight = norm.weight if norm.weight is not None else y.new_ones(y.shape[1])
@@ -129,23 +132,15 @@ def _batch_norm_pooled(norm: nn.BatchNorm2d, pool: Pool, y: Tensor, z: Tensor, s
         centred_mean = (total.sum((0, 2)) + k * z.sum((0, 2))) / n  # mean of e - shift
         squares = (count.unsqueeze(1) * y.square()).sum((0, 2)) + 2 * (z * total).sum((0, 2))
         var = (squares + k * z.square().sum((0, 2))) / n - centred_mean.square()
+        mean = centred_mean + shift.squeeze(-1)
+        if synchronises(norm):  # the statistics of every rank's batch (equal on every rank)
+            mean, var, n = global_batch_stats(mean, var, n)
+            centred_mean = mean - shift.squeeze(-1)
         if norm.training and norm.track_running_stats:
-            _update_running_stats(norm, centred_mean.detach() + shift.squeeze(-1), var.detach(), n)
+            update_running_stats(norm, mean.detach(), var.detach(), n)
     else:
         centred_mean, var = norm.running_mean - shift.squeeze(-1), norm.running_var
     scale = weight * torch.rsqrt(var + norm.eps)
     mean = total / k + z if pool.uses_mean else None
     pooled = pool.combine(extreme, mean)  # pooled e - shift
     return scale.unsqueeze(-1) * (pooled - centred_mean.unsqueeze(-1)) + bias.unsqueeze(-1)
-
-
-@torch.no_grad()
-def _update_running_stats(norm: nn.BatchNorm2d, mean: Tensor, var: Tensor, n: int) -> None:
-    """As `_BatchNorm.forward` in training: momentum (or a cumulative average), unbiased variance."""
-    factor = norm.momentum
-    if norm.num_batches_tracked is not None:
-        norm.num_batches_tracked.add_(1)
-        if norm.momentum is None:
-            factor = 1.0 / float(norm.num_batches_tracked)
-    norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), factor)
-    norm.running_var.lerp_((var * n / max(n - 1, 1)).to(norm.running_var.dtype), factor)
