@@ -3,19 +3,28 @@
 The original EdgeConv builds [x_j - x_i ; x_i] (B, 2C, N, k), runs a 1x1 conv (W, b) over its N·k
 columns, a BatchNorm, then pools over the k neighbours. Two exact rewrites make it cheaper:
 
-- `gather`: W·[x_j - x_i ; x_i] + b = W1·x_j + ((W2 - W1)·x_i + b). One matmul over N columns
-  gives a neighbour term y and a centre term z (B, C', N); the conv output is y gathered by the
-  kNN indices plus z broadcast: k times fewer matmul FLOPs, no (B, 2C, N, k) tensor.
-- `fused`: BatchNorm is a per-channel affine map a·e + c, and pooling commutes with it: the
-  max of a·e + c is a·max(e) + c where a >= 0 and a·min(e) + c where a < 0 (a max of the
-  sign-flipped terms), the mean is a·mean(e) + c. Max and mean of e = y_j + z_i over the
-  neighbours are max / sum of the gathered y plus z. The batch statistics of e come from
-  (B, C', N) sums too: sum e² = sum_p count_p·y_p² + 2·sum_i z_i·(sum_j y_j) + k·sum_i z_i², with
-  count_p how often point p is a neighbour. So nothing of size (B, C', N, k) is kept for backward,
-  and the only such tensor (the gather inside `NeighbourMaxSum`) lives for one reduction.
+- `gather`: W·[x_j - x_i ; x_i] + b = W1·x_j + ((W2 - W1)·x_i + b). One matmul by [W1 ; W2 - W1]
+  over N columns gives y = W1·x and z = (W2 - W1)·x + b (B, C', N); the conv output is
+  e_ij = y_j + z_i: y gathered by the kNN indices plus z broadcast, k times fewer matmul FLOPs, no
+  (B, 2C, N, k) input.
+- `fused`: BatchNorm is a per-channel affine map a·(e - mu) + beta (a = gamma / sqrt(var + eps)),
+  and pooling commutes with it: the max of a·e is a·max(e) where a >= 0 and a·min(e) where a < 0
+  (a max of the sign-flipped e), the mean is a·mean(e). `PooledEdgeNorm` gathers e once, takes
+  its batch statistics (one `var_mean`), its mean and signed max over the neighbours, and frees
+  it: nothing of size (B, C', N, k) is kept for backward. Its backward is written by hand from
+  (B, C', N) terms, so autograd replays no chain of small ops. With o = a·(e - mu) + beta pooled
+  to out = s·o_j* + (1 - s)·mean_j o and g = dL/d out, BatchNorm's batch-statistics gradient is
+  de_ij = a·(go_ij - (gb + gg·xhat_ij) / n), go_ij = g_i·(s·[j = j*] + (1 - s) / k),
+  gb = sum g, gg = sum g·pooled xhat, xhat = (e - mu)·rstd, n = B·N·k. Writing xhat_ij through
+  y_j + z_i: dz_i = sum_j de_ij = a·g_i - k·(lam·mean_j e_ij + nu), and dy_p = sum over the edges
+  (i, j) into p of de_ij = (s·a·g scattered to the winners) + ((1 - s)/k·a·g - lam·z - nu
+  scattered to every neighbour) - lam·count_p·y_p, with lam = a·rstd·gg / n and
+  nu = a·(gb - rstd·gg·mu) / n (both 0 with running statistics: then de = a·go).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor, nn
@@ -26,57 +35,36 @@ from ognet.model.ops import group_points
 Pool = MaxMeanPool | MaxPool
 
 
+@functools.cache
+def _neighbour_centre(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """[[1, 0], [-1, 1]]: [W1, W2] -> [W1, W2 - W1] in one matmul (made once: a host copy per call otherwise)."""
+    return torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=dtype, device=device)
+
+
+def per_point_products(conv: PointwiseConv, h: Tensor) -> Tensor:
+    """(B, C', 2, N): [:, :, 0] = W1·h, [:, :, 1] = (W2 - W1)·h, from one bmm.
+
+    (W2 - W1)·h, not W2·h - W1·h: features with a large common offset would cancel in the latter
+    (measured: 20x the float32 gradient error of the edge-tensor path on OG-Net-Small, norm bn).
+    """
+    b, c, n = h.shape
+    w = conv.weight.view(conv.out_channels, 2, c)
+    both = torch.matmul(_neighbour_centre(w.device, w.dtype), w).view(2 * conv.out_channels, c)
+    return torch.bmm(both.unsqueeze(0).expand(b, -1, -1), h).view(b, conv.out_channels, 2, n)
+
+
 def per_point_terms(conv: PointwiseConv, h: Tensor) -> tuple[Tensor, Tensor]:
-    """Neighbour term W1·h and centre term (W2 - W1)·h + b, each (B, C', N), from one matmul."""
-    b, c, _ = h.shape
-    w = conv.weight.view(conv.out_channels, 2 * c)
-    w_neighbour = w[:, :c]
-    both = torch.cat([w_neighbour, w[:, c:] - w_neighbour])  # (2C', C)
-    y = torch.bmm(both.unsqueeze(0).expand(b, -1, -1), h)  # bmm: matmul's broadcast copies h
-    neighbour, centre = y.split(conv.out_channels, dim=1)
+    """Neighbour term W1·h and centre term (W2 - W1)·h + b, each (B, C', N)."""
+    y, centre = per_point_products(conv, h).unbind(2)
     if conv.bias is not None:
         centre = centre + conv.bias.to(y.dtype).unsqueeze(-1)
-    return neighbour, centre
+    return y, centre
 
 
 def edge_conv_gathered(conv: PointwiseConv, h: Tensor, idx: Tensor) -> Tensor:
     """conv(edge_features(h, idx)) (B, C', N, k) without the edge tensor."""
     neighbour, centre = per_point_terms(conv, h)
     return group_points(neighbour, idx) + centre.unsqueeze(-1)
-
-
-class NeighbourMaxSum(torch.autograd.Function):
-    """Max (one winner per row, as `max_last`) and sum of y (B, C, N) over neighbours idx (B, M, k).
-
-    The gathered (B, C, M, k) tensor is freed after the forward; backward scatters the max's
-    gradient to the winners (saved as point indices, (B, C, M) int64) and the sum's to every
-    neighbour.
-    """
-
-    @staticmethod
-    def forward(ctx, y: Tensor, idx: Tensor, with_sum: bool) -> tuple[Tensor, Tensor | None]:
-        b, c, n = y.shape
-        gathered = group_points(y, idx)
-        maximum, arg = gathered.max(dim=-1)
-        total = gathered.sum(dim=-1) if with_sum else None
-        del gathered
-        winner = idx.unsqueeze(1).expand(b, c, *idx.shape[1:]).gather(3, arg.unsqueeze(-1)).squeeze(-1)
-        ctx.n = n
-        ctx.save_for_backward(idx, winner)
-        return maximum, total
-
-    @staticmethod
-    def backward(ctx, grad_max: Tensor | None, grad_sum: Tensor | None) -> tuple[Tensor, None, None]:
-        idx, winner = ctx.saved_tensors
-        b, c, m = winner.shape
-        grad = winner.new_zeros((b, c, ctx.n), dtype=(grad_max if grad_max is not None else grad_sum).dtype)
-        if grad_max is not None:
-            grad.scatter_add_(2, winner, grad_max)
-        if grad_sum is not None:
-            k = idx.shape[-1]
-            spread = grad_sum.unsqueeze(-1).expand(b, c, m, k).reshape(b, c, m * k)
-            grad.scatter_add_(2, idx.reshape(b, 1, m * k).expand(b, c, m * k), spread)
-        return grad, None, None
 
 
 def fusable(norm: nn.Module) -> bool:
@@ -94,58 +82,108 @@ def edge_conv_pooled(conv: PointwiseConv, norm: nn.Module, pool: Pool, h: Tensor
 
     (B, C', N) before the activation, equal to the edge-tensor computation up to rounding.
     """
-    y, z = per_point_terms(conv, h)
-    if y.dtype in (torch.float16, torch.bfloat16):  # autocast: statistics and pooling in float32
-        y, z = y.float(), z.float()
-    # Centring by the per-channel means (constants: the result does not depend on them) keeps the
-    # sums of squares of batch statistics free of cancellation. Only then: with running statistics a
-    # cloud's features must not depend, even by rounding, on the other clouds of its batch.
-    if uses_batch_stats(norm):
-        y_mean, z_mean = y.detach().mean((0, 2)), z.detach().mean((0, 2))
-        y, z = y - y_mean.unsqueeze(-1), z - z_mean.unsqueeze(-1)
-        shift = (y_mean + z_mean).unsqueeze(-1)
-    else:
-        shift = y.new_zeros(y.shape[1], 1)
+    v = per_point_products(conv, h)
+    if v.dtype in (torch.float16, torch.bfloat16):  # autocast: statistics and pooling in float32
+        v = v.float()
+    bias = conv.bias.to(v.dtype) if conv.bias is not None else None
+    mix = torch.sigmoid(pool.p) if pool.uses_mean else None
     if isinstance(norm, nn.BatchNorm1d):
-        maximum, total = NeighbourMaxSum.apply(y, idx, pool.uses_mean)
+        return norm(PooledEdgeNorm.apply(v, bias, idx, mix, None, None, None))
+    return PooledEdgeNorm.apply(v, bias, idx, mix, norm, norm.weight, norm.bias)
+
+
+class PooledEdgeNorm(torch.autograd.Function):
+    """pool_k(BatchNorm2d(e)) (B, C, N) of e_ij = y_j + z_i, from v (B, C, 2, N) = [y ; z - conv bias].
+
+    `norm` None: pooling only (BatchNorm1d follows). `mix` = sigmoid(p) of max/mean pooling, None
+    for max pooling. Maths and gradient: the module docstring.
+    """
+
+    @staticmethod
+    def forward(ctx, v, conv_bias, idx, mix, norm, gamma, beta):  # noqa: PLR0913 (autograd's signature)
+        y, z = v.unbind(2)
+        if conv_bias is not None:
+            z = z + conv_bias.unsqueeze(-1)
+        # The max over the neighbours compares y_j alone (sign-flipped where gamma < 0: exact), so
+        # adding z_i cannot round near-ties into ties; then the same tensor becomes e = y_j + z_i.
+        gathered = group_points(y, idx)  # (B, C, N, k): the only one, freed on return
+        sign = None
+        if gamma is not None:  # max of a·e = a·min(e) where a < 0: a max of -e
+            sign = torch.where(gamma < 0, -1.0, 1.0).to(v.dtype).unsqueeze(-1)
+            gathered.mul_(sign.unsqueeze(-1))
+        extreme, arg = gathered.max(-1)
+        if sign is None:
+            e, extreme = gathered.add_(z.unsqueeze(-1)), extreme.add_(z)
+        else:
+            e = torch.addcmul(z.unsqueeze(-1), gathered, sign.unsqueeze(-1), out=gathered)
+            extreme = torch.addcmul(z, extreme, sign)
+        batch = norm is not None and uses_batch_stats(norm)
+        mu = rstd = None
+        if norm is not None:
+            if batch:
+                var, mu = torch.var_mean(e, (0, 2, 3), correction=0)
+                if norm.training and norm.track_running_stats:
+                    _update_running_stats(norm, mu, var, e.numel() // e.shape[1])
+            else:
+                mu, var = norm.running_mean.to(e.dtype), norm.running_var.to(e.dtype)
+            mu, rstd = mu.unsqueeze(-1), (var + norm.eps).rsqrt().unsqueeze(-1)
+        mean = e.mean(-1) if mix is not None or batch else None  # batch: mean_j e_ij enters dz
+        winner = idx.unsqueeze(1).expand(*e.shape).gather(3, arg.unsqueeze(-1)).squeeze(-1)  # point indices
+        pooled = torch.lerp(mean, extreme, mix) if mix is not None else extreme
+        xhat = (pooled - mu).mul_(rstd) if norm is not None else pooled  # pooled normalised e
+        out = xhat if gamma is None else torch.addcmul(beta.unsqueeze(-1), gamma.unsqueeze(-1), xhat)
+        if gamma is None and beta is not None:
+            out = out + beta.unsqueeze(-1)
+        ctx.batch, ctx.has_bias = batch, conv_bias is not None
+        ctx.save_for_backward(y, z, idx, winner, mean, extreme, xhat, mix, mu, rstd, gamma)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        y, z, idx, winner, mean, extreme, xhat, mix, mu, rstd, gamma = ctx.saved_tensors
+        b, c, n = g.shape
         k = idx.shape[-1]
-        mean = total / k + z if pool.uses_mean else None
-        return norm(pool.combine(maximum + z, mean) + shift)
-    return _batch_norm_pooled(norm, pool, y, z, shift, idx)
-
-
-def _batch_norm_pooled(norm: nn.BatchNorm2d, pool: Pool, y: Tensor, z: Tensor, shift: Tensor, idx: Tensor) -> Tensor:
-    """BatchNorm2d over e = y_j + z_i + shift (B, C, N, k), then pooled over k, from (B, C, N) terms."""
-    k = idx.shape[-1]
-    weight = norm.weight if norm.weight is not None else y.new_ones(y.shape[1])
-    bias = norm.bias if norm.bias is not None else torch.zeros_like(weight)
-    sign = torch.where(weight.detach() < 0, -1.0, 1.0).to(y.dtype).unsqueeze(-1)  # max of a·e = a·min(e), a < 0
-    signed_max, signed_sum = NeighbourMaxSum.apply(y * sign, idx, True)
-    extreme, total = sign * signed_max + z, sign * signed_sum  # max / min of e - shift; sum of y_j
-    if uses_batch_stats(norm):
-        count = idx.new_zeros(idx.shape[0], y.shape[2], dtype=y.dtype)
-        count.scatter_add_(1, idx.reshape(idx.shape[0], -1), torch.ones_like(idx, dtype=y.dtype).view(idx.shape[0], -1))
-        n = idx.numel()
-        centred_mean = (total.sum((0, 2)) + k * z.sum((0, 2))) / n  # mean of e - shift
-        squares = (count.unsqueeze(1) * y.square()).sum((0, 2)) + 2 * (z * total).sum((0, 2))
-        var = (squares + k * z.square().sum((0, 2))) / n - centred_mean.square()
-        if norm.training and norm.track_running_stats:
-            _update_running_stats(norm, centred_mean.detach() + shift.squeeze(-1), var.detach(), n)
-    else:
-        centred_mean, var = norm.running_mean - shift.squeeze(-1), norm.running_var
-    scale = weight * torch.rsqrt(var + norm.eps)
-    mean = total / k + z if pool.uses_mean else None
-    pooled = pool.combine(extreme, mean)  # pooled e - shift
-    return scale.unsqueeze(-1) * (pooled - centred_mean.unsqueeze(-1)) + bias.unsqueeze(-1)
+        a = gamma.unsqueeze(-1) if gamma is not None else None  # BatchNorm's scale gamma·rstd
+        a = rstd if a is None else (a if rstd is None else a * rstd)
+        ag = g if a is None else g * a  # dL/d(pooled e)
+        need = ctx.needs_input_grad
+        grad_mix = torch.dot(ag.flatten(), (extreme - mean).flatten()).view(1) if need[3] else None
+        gg = (g * xhat).sum((0, 2)) if ctx.batch or (gamma is not None and need[5]) else None
+        gb = g.sum((0, 2)) if ctx.batch or need[6] else None
+        win = ag if mix is None else ag * mix  # the max's share, to the winners
+        spread = None if mix is None else ag - win  # k times the mean's share, to every neighbour
+        grad_v = g.new_empty(b, c, 2, n)
+        dy, dz = grad_v.unbind(2)
+        if ctx.batch:  # BatchNorm's statistics: -lam, -nu of the module docstring
+            t = gg.unsqueeze(-1) * rstd
+            a_n = a * (-1.0 / (b * n * k))
+            neg_lam = a_n * t
+            neg_nu = a_n * torch.addcmul(gb.unsqueeze(-1), t, mu, value=-1)
+            torch.add(ag, torch.addcmul(neg_nu, neg_lam, mean), alpha=k, out=dz)
+            stats = torch.addcmul(neg_nu, neg_lam, z)
+            spread = stats if spread is None else torch.add(stats, spread, alpha=1 / k)
+            count = y.new_zeros(b, 1, n).scatter_add_(2, idx.view(b, 1, -1), y.new_ones(()).expand(b, 1, n * k))
+            torch.mul(count * neg_lam, y, out=dy)
+        else:
+            dz.copy_(ag)
+            dy.zero_()
+            spread = None if spread is None else spread.div_(k)
+        dy.scatter_add_(2, winner, win)
+        if spread is not None:
+            neighbours = idx.view(b, 1, n * k).expand(b, c, -1)
+            dy.scatter_add_(2, neighbours, spread.unsqueeze(-1).expand(b, c, n, k).reshape(b, c, -1))
+        grad_bias = dz.sum((0, 2)) if ctx.has_bias else None
+        return grad_v, grad_bias, None, grad_mix, None, gg if gamma is not None else None, gb
 
 
 @torch.no_grad()
 def _update_running_stats(norm: nn.BatchNorm2d, mean: Tensor, var: Tensor, n: int) -> None:
-    """As `_BatchNorm.forward` in training: momentum (or a cumulative average), unbiased variance."""
+    """As `_BatchNorm.forward` in training: momentum (or a cumulative average), unbiased variance;
+    both buffers in one `_foreach_lerp_`."""
     factor = norm.momentum
     if norm.num_batches_tracked is not None:
         norm.num_batches_tracked.add_(1)
         if norm.momentum is None:
             factor = 1.0 / float(norm.num_batches_tracked)
-    norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), factor)
-    norm.running_var.lerp_((var * n / max(n - 1, 1)).to(norm.running_var.dtype), factor)
+    unbiased = (var * (n / max(n - 1, 1))).to(norm.running_var.dtype)
+    torch._foreach_lerp_([norm.running_mean, norm.running_var], [mean.to(norm.running_mean.dtype), unbiased], factor)
