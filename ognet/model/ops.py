@@ -70,7 +70,7 @@ def knn(x: Tensor, k: int, max_elements: int | None = None) -> Tensor:
             # -|a|^2 is the same for a whole row and cannot change its ranking: leave it out.
             score = torch.baddbmm(neg_sq, points[:, rows], x, alpha=2.0)
             parts.append(score.topk(k, dim=-1).indices)
-        return torch.cat(parts, dim=1)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # one block: no copy
 
 
 @torch.no_grad()
