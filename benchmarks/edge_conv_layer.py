@@ -33,7 +33,7 @@ def layer_paths(c_in: int, c_out: int) -> dict[str, Callable[[Tensor, Tensor], T
     return {
         "edge_tensor": lambda h, idx: F.leaky_relu(pool(bn(conv(edge_features(h, idx)))), 0.2),
         "gather": lambda h, idx: F.leaky_relu(pool(bn(edge_conv_gathered(conv, h, idx))), 0.2),
-        "fused": lambda h, idx: F.leaky_relu(edge_conv_pooled(conv, bn, pool, h, idx), 0.2),
+        "fused": lambda h, idx: F.leaky_relu(edge_conv_pooled(conv, bn, pool, h, idx, norm_after_pool=False), 0.2),
     }
 
 

@@ -7,7 +7,8 @@ rank builds the same OG-Net twice, one with train.sync_bn=false (per-rank statis
 rank 0's before each forward) and one with train.sync_bn=true (ognet.dist.SyncBatchNorm, no
 broadcast), each behind the trainer's DDP engine, and times `--steps` training steps (forward,
 loss, backward, Adam) of each in turn, per repeat, on the same random batch: both see the same
-load. Reports the median time per step of each, their ratio, the number of BatchNorm layers and the
+load. A third set-up, synchronised with EdgeConv's `gather` path, is the model as it ran before the
+fused path restated synchronised BatchNorm. Reports the median time per step of each, the ratios, the number of BatchNorm layers and the
 median of one gloo all-reduce of a BatchNorm's 2C+1 float64 statistics, and the time of one
 BatchNorm2d layer's forward + backward alone, per-rank and synchronised (its two all-reduces included).
 """
@@ -73,16 +74,20 @@ def layers() -> dict[bool, torch.nn.Module]:
     return {False: plain, True: dist.convert_sync_batchnorm(copy.deepcopy(plain))}
 
 
+# name: (train.sync_bn, model.edge_conv)
+SETUPS = {"per-rank": (False, "fused"), "synchronised": (True, "fused"), "synchronised, gather": (True, "gather")}
+
+
 def measure(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     info = dist.init_distributed()
     engines = {}
-    for sync_bn in (False, True):
+    for name, (sync_bn, edge_conv) in SETUPS.items():
         config = load_config(None, [f"train.sync_bn={str(sync_bn).lower()}"])
         torch.manual_seed(0)
-        model = build_model(args.variant, 16, init_points=args.points // 4)
+        model = build_model(args.variant, 16, init_points=args.points // 4, edge_conv=edge_conv)
         model = dist.convert_sync_batchnorm(model) if sync_bn else model
-        engines[sync_bn] = DDPEngine(model.train(), config, info)
+        engines[name] = DDPEngine(model.train(), config, info)
     norms = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     g = torch.Generator().manual_seed(info.rank)
     local = args.batch // info.world_size
@@ -90,21 +95,26 @@ def measure(args: argparse.Namespace) -> None:
     batch += (torch.randint(0, 16, (local,), generator=g),)
     for engine in engines.values():
         timed_steps(engine, batch, 1)  # warm-up
-    times: dict[bool, list[float]] = {False: [], True: []}
+    times: dict[str, list[float]] = {name: [] for name in SETUPS}
     for _ in range(args.repeats):
-        for sync_bn, engine in engines.items():
-            times[sync_bn].append(timed_steps(engine, batch, args.steps))
+        for name, engine in engines.items():
+            times[name].append(timed_steps(engine, batch, args.steps))
     reduce_s = all_reduce_seconds(64)
     shape = (local, 64, args.points // 4, 16)  # (B/2, C, points, neighbours), the size of an EdgeConv BatchNorm2d
     layer = {sync_bn: layer_seconds(norm, shape) for sync_bn, norm in layers().items()}
     if info.is_main:
-        plain, synced = statistics.median(times[False]), statistics.median(times[True])
+        median = {name: statistics.median(t) for name, t in times.items()}
         print(
             f"{args.variant}, global batch {args.batch} x {args.points} points, 2 gloo ranks, {norms} BatchNorm layers"
         )
-        print(f"per-rank BN (sync_bn=false): {plain * 1e3:.0f} ms/step  {[round(t * 1e3) for t in times[False]]}")
-        print(f"synchronised (sync_bn=true): {synced * 1e3:.0f} ms/step  {[round(t * 1e3) for t in times[True]]}")
+        for name, (sync_bn, edge_conv) in SETUPS.items():
+            print(
+                f"{name} (sync_bn={str(sync_bn).lower()}, edge_conv={edge_conv}): {median[name] * 1e3:.0f} ms/step  "
+                f"{[round(t * 1e3) for t in times[name]]}"
+            )
+        plain, synced, gather = median["per-rank"], median["synchronised"], median["synchronised, gather"]
         print(f"ratio synced / per-rank: {synced / plain:.3f}  (difference {(synced - plain) * 1e3:+.1f} ms/step)")
+        print(f"ratio synced with gather / synced (fused): {gather / synced:.3f}")
         print(f"one gloo all-reduce of 129 float64 (C=64): {reduce_s * 1e6:.0f} us median of 200")
         print(
             f"one BatchNorm2d forward + backward on {shape}: per-rank {layer[False] * 1e3:.1f} ms, "

@@ -2,7 +2,7 @@
 optionally against another code tree (an older commit) in the same, interleaved run.
 
     python benchmarks/train_throughput.py [--points 2048] [--steps 12] [--repeats 3] [--out FILE.md]
-        [--baseline TREE [--baseline-name NAME]] [--set key=value ...]
+        [--baseline TREE [--baseline-name NAME]] [--set key=value ...] [--also-set key=value ...]
 
 Synthesises and packs the demo data set once (in a temporary folder), then for each repeat, world
 size and code tree runs `torchrun --nproc_per_node=W TREE/launch/train.py` on configs/demo.yaml for
@@ -11,7 +11,9 @@ consecutive `train/loss` events that rank 0 wrote to TensorBoard: the same measu
 whatever its timing tags mean (before the Trainer, `train/step_time_s` was an epoch average). The
 first gap (start-up) is skipped; samples/s = global batch / median step time. Reports the median
 over repeats, the scaling efficiency (2-rank throughput / (2 x 1-rank throughput)) and, with
-`--baseline`, the ratio of this tree to the baseline at each world size.
+`--baseline`, the ratio of this tree to the baseline at each world size. `--also-set` adds this tree
+once more with extra overrides (e.g. the options newer than the baseline turned off, so that both
+trees compute the same thing).
 
 A baseline tree: `git worktree add /tmp/before <commit>` (run with this tree's Python environment).
 """
@@ -43,8 +45,8 @@ def prepare(base: Path, points: int) -> Path:
     return base / "shards"
 
 
-def run(tree: Path, shards: Path, run_dir: Path, world: int, args: argparse.Namespace) -> float:
-    """samples/s of one training run of `tree`'s code."""
+def run(tree: Path, extra: list[str], shards: Path, run_dir: Path, world: int, args: argparse.Namespace) -> float:
+    """samples/s of one training run of `tree`'s code with the overrides `extra`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tree)}
     cmd = [
         BIN / "torchrun",
@@ -62,6 +64,7 @@ def run(tree: Path, shards: Path, run_dir: Path, world: int, args: argparse.Name
         f"data.num_workers={args.workers}",
         "eval.rank_list_queries=0",
         *args.set,
+        *extra,
     ]
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env)
     if proc.returncode:
@@ -85,10 +88,11 @@ def summary(rates: dict[tuple[str, int], list[float]], names: list[str]) -> list
     for name in names:
         two = median[name, 2] / median[name, 1]
         lines.append(f"- {name}: 2 ranks / 1 rank **{two:.2f}x**, scaling efficiency {two / 2:.0%}")
-    if len(names) == 2:
+    baseline = names[-1]
+    for name in names[:-1] if len(names) > 1 else []:
         for world in (1, 2):
-            ratio = median[names[0], world] / median[names[1], world]
-            lines.append(f"- {world} rank(s): {names[0]} / {names[1]} = **{ratio:.2f}x**")
+            ratio = median[name, world] / median[baseline, world]
+            lines.append(f"- {world} rank(s): {name} / {baseline} = **{ratio:.2f}x**")
     return lines
 
 
@@ -107,17 +111,24 @@ def main() -> None:
     p.add_argument("--baseline", type=Path, help="another code tree (e.g. a git worktree of an older commit)")
     p.add_argument("--baseline-name", default="baseline")
     p.add_argument("--set", nargs="*", default=[], metavar="key=value", help="config overrides for every run")
+    p.add_argument(
+        "--also-set", nargs="*", default=[], metavar="key=value", help="run this tree also with these overrides"
+    )
     p.add_argument("--out", type=Path, help="write the results (markdown) here")
     args = p.parse_args()
-    trees = {"this tree": ROOT, **({args.baseline_name: args.baseline.resolve()} if args.baseline else {})}
+    trees = {"this tree": (ROOT, [])}
+    if args.also_set:
+        trees[f"this tree, {' '.join(args.also_set)}"] = (ROOT, args.also_set)
+    if args.baseline:
+        trees[args.baseline_name] = (args.baseline.resolve(), [])
     load_at_start = load_average()
     rates: dict[tuple[str, int], list[float]] = {(name, w): [] for name in trees for w in (1, 2)}
     with tempfile.TemporaryDirectory() as tmp:
         shards = prepare(Path(tmp), args.points)
         for r in range(args.repeats):
             for world in (1, 2):
-                for name, tree in trees.items():
-                    rate = run(tree, shards, Path(tmp) / f"run-{len(rates)}-{r}-{world}-{name}", world, args)
+                for i, (name, (tree, extra)) in enumerate(trees.items()):
+                    rate = run(tree, extra, shards, Path(tmp) / f"run-{r}-{world}-{i}", world, args)
                     rates[name, world].append(rate)
                     print(f"repeat {r} world {world} {name}: {rate:.2f} samples/s", flush=True)
     lines = [

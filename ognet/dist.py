@@ -377,21 +377,64 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         with collective("BatchNorm statistics all-reduce"):
             y, mean, var, count = _SyncBatchNormFunction.apply(x, self.weight, self.bias, self.eps)
         if self.training and self.track_running_stats:
-            self._update_running_stats(mean, var, count)
+            update_running_stats(self, mean, var, count)
         return y
 
-    @torch.no_grad()
-    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
-        """As torch's BatchNorm: momentum, or a cumulative average when it is None; unbiased variance.
-        The factor stays on the device (torch's BatchNorm reads num_batches_tracked on the host)."""
-        assert self.running_mean is not None and self.running_var is not None and self.num_batches_tracked is not None
-        self.num_batches_tracked.add_(1)
-        unbiased = var * count / (count - 1)
-        for running, value in ((self.running_mean, mean), (self.running_var, unbiased)):
-            if self.momentum is None:
-                running.lerp_(value.to(running.dtype), 1.0 / self.num_batches_tracked.to(running.dtype))
-            else:
-                running.lerp_(value.to(running.dtype), self.momentum)
+
+@torch.no_grad()
+def update_running_stats(
+    norm: torch.nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor | int
+) -> None:
+    """As torch's BatchNorm in training: momentum, or a cumulative average when it is None; unbiased
+    variance from the biased `var` of `count` values. The factor stays on the device (torch's
+    BatchNorm reads num_batches_tracked on the host)."""
+    assert norm.running_mean is not None and norm.running_var is not None and norm.num_batches_tracked is not None
+    norm.num_batches_tracked.add_(1)
+    unbiased = var * (count / (count - 1))  # an int count: one op
+    buffers = [norm.running_mean, norm.running_var]
+    values = [value.to(running.dtype) for running, value in zip(buffers, (mean, unbiased))]
+    if norm.momentum is None:
+        for running, value in zip(buffers, values):
+            running.lerp_(value, 1.0 / norm.num_batches_tracked.to(running.dtype))
+    else:
+        torch._foreach_lerp_(buffers, values, norm.momentum)  # both buffers in one op
+
+
+class _AllReduceSumWithGrad(torch.autograd.Function):
+    """Forward: the sum over ranks. Backward: the sum over ranks of the gradients, since every rank's
+    loss depends on the sum (under DDP's averaging, each rank then gets 1/W of the total's gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def synchronises(norm: torch.nn.Module) -> bool:
+    """Whether `norm` normalises by the statistics of every rank's batch (a SyncBatchNorm in a group)."""
+    return isinstance(norm, SyncBatchNorm) and _active()
+
+
+def global_batch_stats(mean: torch.Tensor, var: torch.Tensor, count: int) -> tuple[torch.Tensor, ...]:
+    """The mean and biased variance per channel of every rank's batch and its size, from this rank's
+    `mean` and `var` over `count` values, with gradients: one all-reduce of 2C+1 values each way, no
+    host read. Combined in float64 as SyncBatchNorm does (for code that computes its statistics
+    without a BatchNorm module, such as EdgeConv's fused path)."""
+    m, v = mean.double(), var.double()
+    local = torch.cat([count * m, count * (v + m * m), m.new_full((1,), float(count))])
+    with collective("BatchNorm statistics all-reduce"):
+        total = _AllReduceSumWithGrad.apply(local)
+    n, channels = total[-1], mean.shape[0]
+    global_mean = total[:channels] / n
+    global_var = (total[channels:-1] / n - global_mean * global_mean).clamp(min=0)
+    return global_mean.to(mean.dtype), global_var.to(var.dtype), n
 
 
 def sync_bn_enabled(setting: SyncBN, world_size: int) -> bool:

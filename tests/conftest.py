@@ -48,11 +48,13 @@ def require_program(program: str, why: str) -> str:
     return path
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items) -> None:
     """Under pytest-xdist with `--dist loadgroup` (tests/run.sh), the tests of a module that share a
     module-scoped fixture (often a training run, also one imported from another test file) or a
     session-scoped one of its own (the SLURM cluster) stay on one worker, so that it is made once;
-    every other test is handed out on its own."""
+    every other test is handed out on its own. First: xdist's worker turns the marks into groups in
+    its own hook of this name, which otherwise runs before this one and sees none."""
     for item in items:
         module = getattr(item, "module", None)
         info = getattr(item, "_fixtureinfo", None)
@@ -65,3 +67,15 @@ def pytest_collection_modifyitems(config, items) -> None:
             for d in defs
         ):
             item.add_marker(pytest.mark.xdist_group(module.__name__))
+
+
+def pytest_configure(config) -> None:
+    """Stop, rather than run the suite slower and differently, where xdist cannot make its groups:
+    pytest-xdist 3.8 groups by appending `@group` to each test's nodeid, which pytest 9.2 made
+    read-only (the groups are then silently lost; pyproject.toml pins pytest below 9.2)."""
+    version = tuple(int(part) for part in pytest.__version__.split(".")[:2])
+    if getattr(config.option, "dist", "no") == "loadgroup" and version >= (9, 2):
+        raise pytest.UsageError(
+            f"pytest {pytest.__version__} breaks pytest-xdist's --dist loadgroup (tests sharing a module fixture "
+            "would be split over workers and repeat it): install the pytest named in pyproject.toml's dev extra"
+        )

@@ -48,7 +48,9 @@ class Layer(nn.Module):
 
     def forward(self, h: Tensor, idx: Tensor, path: str) -> Tensor:
         if path == "fused":
-            return edge_conv_pooled(self.conv, self.norm, self.pool, h, idx)
+            return edge_conv_pooled(
+                self.conv, self.norm, self.pool, h, idx, norm_after_pool=isinstance(self.norm, nn.BatchNorm1d)
+            )
         e = edge_conv_gathered(self.conv, h, idx) if path == "gather" else self.conv(edge_features(h, idx))
         if isinstance(self.norm, nn.BatchNorm2d):
             return self.pool(self.norm(e))

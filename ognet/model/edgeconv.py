@@ -10,8 +10,9 @@ columns, a BatchNorm, then pools over the k neighbours. Two exact rewrites make 
 - `fused`: BatchNorm is a per-channel affine map a·(e - mu) + beta (a = gamma / sqrt(var + eps)),
   and pooling commutes with it: the max of a·e is a·max(e) where a >= 0 and a·min(e) where a < 0
   (a max of the sign-flipped e), the mean is a·mean(e). `PooledEdgeNorm` gathers e once, takes
-  its batch statistics (one `var_mean`), its mean and signed max over the neighbours, and frees
-  it: nothing of size (B, C', N, k) is kept for backward. Its backward is written by hand from
+  its signed max and mean over the neighbours and its batch statistics (centred, two passes;
+  combined over the ranks under a synchronised BatchNorm), and frees it: nothing of size
+  (B, C', N, k) is kept for backward. Its backward is written by hand from
   (B, C', N) terms, so autograd replays no chain of small ops. With o = a·(e - mu) + beta pooled
   to out = s·o_j* + (1 - s)·mean_j o and g = dL/d out, BatchNorm's batch-statistics gradient is
   de_ij = a·(go_ij - (gb + gg·xhat_ij) / n), go_ij = g_i·(s·[j = j*] + (1 - s) / k),
@@ -19,7 +20,9 @@ columns, a BatchNorm, then pools over the k neighbours. Two exact rewrites make 
   y_j + z_i: dz_i = sum_j de_ij = a·g_i - k·(lam·mean_j e_ij + nu), and dy_p = sum over the edges
   (i, j) into p of de_ij = (s·a·g scattered to the winners) + ((1 - s)/k·a·g - lam·z - nu
   scattered to every neighbour) - lam·count_p·y_p, with lam = a·rstd·gg / n and
-  nu = a·(gb - rstd·gg·mu) / n (both 0 with running statistics: then de = a·go).
+  nu = a·(gb - rstd·gg·mu) / n (both 0 with running statistics: then de = a·go; synchronised,
+  gb, gg and n are every rank's). About 50 device ops per EdgeConv forward + backward, from ~120
+  when autograd differentiated the same formulas op by op (benchmarks/results/step_budget.md).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import functools
 import torch
 from torch import Tensor, nn
 
+from ognet.dist import SyncBatchNorm, all_reduce_sum, global_batch_stats, synchronises, update_running_stats
 from ognet.model.blocks import MaxMeanPool, MaxPool, PointwiseConv
 from ognet.model.ops import group_points
 
@@ -68,8 +72,8 @@ def edge_conv_gathered(conv: PointwiseConv, h: Tensor, idx: Tensor) -> Tensor:
 
 
 def fusable(norm: nn.Module) -> bool:
-    """The fused path restates BatchNorm1d/2d exactly; any other norm (SyncBatchNorm) takes `gather`."""
-    return type(norm) in (nn.BatchNorm1d, nn.BatchNorm2d)
+    """The fused path restates BatchNorm1d/2d and ognet's SyncBatchNorm; any other norm takes `gather`."""
+    return type(norm) in (nn.BatchNorm1d, nn.BatchNorm2d, SyncBatchNorm)
 
 
 def uses_batch_stats(norm: nn.Module) -> bool:
@@ -77,8 +81,10 @@ def uses_batch_stats(norm: nn.Module) -> bool:
     return norm.training or (norm.running_mean is None and norm.running_var is None)
 
 
-def edge_conv_pooled(conv: PointwiseConv, norm: nn.Module, pool: Pool, h: Tensor, idx: Tensor) -> Tensor:
-    """pool(norm(conv(edge features))) for a BatchNorm2d `norm`, norm(pool(conv(...))) for a BatchNorm1d.
+def edge_conv_pooled(
+    conv: PointwiseConv, norm: nn.Module, pool: Pool, h: Tensor, idx: Tensor, *, norm_after_pool: bool
+) -> Tensor:
+    """pool(norm(conv(edge features))), or norm(pool(conv(...))) with `norm_after_pool` (a BatchNorm1d).
 
     (B, C', N) before the activation, equal to the edge-tensor computation up to rounding.
     """
@@ -87,20 +93,21 @@ def edge_conv_pooled(conv: PointwiseConv, norm: nn.Module, pool: Pool, h: Tensor
         v = v.float()
     bias = conv.bias.to(v.dtype) if conv.bias is not None else None
     mix = torch.sigmoid(pool.p) if pool.uses_mean else None
-    if isinstance(norm, nn.BatchNorm1d):
-        return norm(PooledEdgeNorm.apply(v, bias, idx, mix, None, None, None))
-    return PooledEdgeNorm.apply(v, bias, idx, mix, norm, norm.weight, norm.bias)
+    if norm_after_pool:
+        return norm(PooledEdgeNorm.apply(v, bias, idx, mix, None, None, None, uses_batch_stats(norm)))
+    return PooledEdgeNorm.apply(v, bias, idx, mix, norm, norm.weight, norm.bias, uses_batch_stats(norm))
 
 
 class PooledEdgeNorm(torch.autograd.Function):
     """pool_k(BatchNorm2d(e)) (B, C, N) of e_ij = y_j + z_i, from v (B, C, 2, N) = [y ; z - conv bias].
 
     `norm` None: pooling only (BatchNorm1d follows). `mix` = sigmoid(p) of max/mean pooling, None
-    for max pooling. Maths and gradient: the module docstring.
+    for max pooling. `bias_cancels`: batch statistics normalise the result (here or after), so the
+    conv bias's gradient is exactly 0. Maths and gradient: the module docstring.
     """
 
     @staticmethod
-    def forward(ctx, v, conv_bias, idx, mix, norm, gamma, beta):  # noqa: PLR0913 (autograd's signature)
+    def forward(ctx, v, conv_bias, idx, mix, norm, gamma, beta, bias_cancels):  # noqa: PLR0913 (autograd's)
         y, z = v.unbind(2)
         if conv_bias is not None:
             z = z + conv_bias.unsqueeze(-1)
@@ -120,15 +127,17 @@ class PooledEdgeNorm(torch.autograd.Function):
         mean = e.mean(-1) if mix is not None or batch else None  # batch: mean_j e_ij enters dz
         mu = rstd = None
         if norm is not None:
-            if batch:  # two passes, centred (var_mean is 1 op but 4x slower on CPU than these 3)
+            if batch:  # centred two-pass variance (var_mean: 2 ops less, 4x slower on CPU)
+                count = e.numel() // e.shape[1]
                 mu = mean.mean((0, 2))
-                var = (
-                    torch.linalg.vector_norm(e.sub_(mu.view(-1, 1, 1)), dim=(0, 2, 3))
-                    .square_()
-                    .div_(mean.numel() // mu.numel() * e.shape[-1])
-                )
+                rows = e.sub_(mu.view(-1, 1, 1)).view(-1, 1, e.shape[2] * e.shape[3])  # (B·C, 1, N·k)
+                var = torch.bmm(rows, rows.transpose(1, 2)).view(e.shape[:2]).sum(0).div_(count)  # batched dots
+                ctx.synchronised = synchronises(norm)
+                if ctx.synchronised:  # the statistics of every rank's batch; backward sums its sums too
+                    mu, var, count = global_batch_stats(mu, var, count)
+                ctx.count = count
                 if norm.training and norm.track_running_stats:
-                    _update_running_stats(norm, mu, var, e.numel() // e.shape[1])
+                    update_running_stats(norm, mu, var, count)
             else:
                 mu, var = norm.running_mean.to(e.dtype), norm.running_var.to(e.dtype)
             mu, rstd = mu.unsqueeze(-1), (var + norm.eps).rsqrt().unsqueeze(-1)
@@ -138,7 +147,7 @@ class PooledEdgeNorm(torch.autograd.Function):
         out = xhat if gamma is None else torch.addcmul(beta.unsqueeze(-1), gamma.unsqueeze(-1), xhat)
         if gamma is None and beta is not None:
             out = out + beta.unsqueeze(-1)
-        ctx.batch, ctx.has_bias = batch, conv_bias is not None
+        ctx.batch, ctx.has_bias, ctx.bias_cancels = batch, conv_bias is not None, bias_cancels
         ctx.save_for_backward(y, z, idx, winner, mean, extreme, xhat, mix, mu, rstd, gamma)
         return out
 
@@ -159,10 +168,13 @@ class PooledEdgeNorm(torch.autograd.Function):
         grad_v = g.new_empty(b, c, 2, n)
         dy, dz = grad_v.unbind(2)
         if ctx.batch:  # BatchNorm's statistics: -lam, -nu of the module docstring
-            t = gg.unsqueeze(-1) * rstd
-            a_n = a * (-1.0 / (b * n * k))
+            sum_g, sum_gx = gb, gg  # the parameters' gradients stay this rank's (DDP sums them)
+            if ctx.synchronised:  # the statistics' terms need every rank's sums
+                sum_g, sum_gx = all_reduce_sum(torch.cat([gb, gg])).chunk(2)
+            t = sum_gx.unsqueeze(-1) * rstd
+            a_n = a * (-1.0 / ctx.count)
             neg_lam = a_n * t
-            neg_nu = a_n * torch.addcmul(gb.unsqueeze(-1), t, mu, value=-1)
+            neg_nu = a_n * torch.addcmul(sum_g.unsqueeze(-1), t, mu, value=-1)
             torch.add(ag, torch.addcmul(neg_nu, neg_lam, mean), alpha=k, out=dz)
             stats = torch.addcmul(neg_nu, neg_lam, z)
             spread = stats if spread is None else torch.add(stats, spread, alpha=1 / k)
@@ -176,18 +188,7 @@ class PooledEdgeNorm(torch.autograd.Function):
         if spread is not None:
             neighbours = idx.view(b, 1, n * k).expand(b, c, -1)
             dy.scatter_add_(2, neighbours, spread.unsqueeze(-1).expand(b, c, n, k).reshape(b, c, -1))
-        grad_bias = dz.sum((0, 2)) if ctx.has_bias else None
-        return grad_v, grad_bias, None, grad_mix, None, gg if gamma is not None else None, gb
-
-
-@torch.no_grad()
-def _update_running_stats(norm: nn.BatchNorm2d, mean: Tensor, var: Tensor, n: int) -> None:
-    """As `_BatchNorm.forward` in training: momentum (or a cumulative average), unbiased variance;
-    both buffers in one `_foreach_lerp_`."""
-    factor = norm.momentum
-    if norm.num_batches_tracked is not None:
-        norm.num_batches_tracked.add_(1)
-        if norm.momentum is None:
-            factor = 1.0 / float(norm.num_batches_tracked)
-    unbiased = (var * (n / max(n - 1, 1))).to(norm.running_var.dtype)
-    torch._foreach_lerp_([norm.running_mean, norm.running_var], [mean.to(norm.running_mean.dtype), unbiased], factor)
+        grad_bias = None
+        if ctx.has_bias:  # batch statistics (here or in the BatchNorm1d after) remove the bias: exactly 0
+            grad_bias = g.new_zeros(c) if ctx.bias_cancels else dz.sum((0, 2))
+        return grad_v, grad_bias, None, grad_mix, None, gg if gamma is not None else None, gb, None

@@ -202,7 +202,10 @@ class OGNet(nn.Module):
         """One EdgeConv sub-block over the kNN graph idx: Conv2d, BN, aggregation over k, LeakyReLU."""
         path = self.config.edge_conv
         if path == "fused" and fusable(self.bn[n]):
-            return F.leaky_relu(edge_conv_pooled(self.conv[n], self.bn[n], self.agg[n], h, idx), 0.2)
+            pooled = edge_conv_pooled(
+                self.conv[n], self.bn[n], self.agg[n], h, idx, norm_after_pool=self.config.norm == "bn"
+            )
+            return F.leaky_relu(pooled, 0.2)
         gathered = path != "edge_tensor"
         e = edge_conv_gathered(self.conv[n], h, idx) if gathered else self.conv[n](edge_features(h, idx))
         if self.config.norm == "bn2":
