@@ -1,6 +1,7 @@
 """One EdgeConv layer (conv, BatchNorm2d, max/mean pooling, LeakyReLU), forward + backward, per path.
 
     python benchmarks/edge_conv_layer.py [--batch 4] [--shapes 3:64:4096 64:128:768] [--k 20] [--repeats 5] [--compile]
+        [--other-tree DIR]
 
 Paths: `edge_tensor` (the original's), `gather`, `fused` (ognet/model/edgeconv.py); `--compile` adds
 each under torch.compile. Timed interleaved with 1 thread; process CPU time (steadier than wall time
@@ -12,6 +13,7 @@ loss's own 4 included).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import sys
 import time
@@ -32,8 +34,10 @@ from ognet.model.edgeconv import edge_conv_gathered, edge_conv_pooled  # noqa: E
 from ognet.model.ops import knn  # noqa: E402
 
 
-def layer_paths(c_in: int, c_out: int) -> tuple[dict[str, Callable[[Tensor, Tensor], Tensor]], list[Tensor]]:
-    """Each path's layer function, and the parameters they share."""
+def layer_paths(
+    c_in: int, c_out: int, other: Path | None = None
+) -> tuple[dict[str, Callable[[Tensor, Tensor], Tensor]], list[Tensor]]:
+    """Each path's layer function (with `other`, also that tree's fused path), and the parameters they share."""
     torch.manual_seed(0)
     conv, bn, pool = PointwiseConv(2 * c_in, c_out), nn.BatchNorm2d(c_out), MaxMeanPool()
     paths = {
@@ -41,6 +45,13 @@ def layer_paths(c_in: int, c_out: int) -> tuple[dict[str, Callable[[Tensor, Tens
         "gather": lambda h, idx: F.leaky_relu(pool(bn(edge_conv_gathered(conv, h, idx))), 0.2),
         "fused": lambda h, idx: F.leaky_relu(edge_conv_pooled(conv, bn, pool, h, idx, norm_after_pool=False), 0.2),
     }
+    if other is not None:  # its model/edgeconv.py on this tree's ognet (same signature as ours)
+        spec = importlib.util.spec_from_file_location("other_edgeconv", other / "ognet" / "model" / "edgeconv.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        paths[f"fused @ {other.name}"] = lambda h, idx: F.leaky_relu(
+            module.edge_conv_pooled(conv, bn, pool, h, idx, norm_after_pool=False), 0.2
+        )
     return paths, [*conv.parameters(), *bn.parameters(), *pool.parameters()]
 
 
@@ -67,6 +78,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also each path under torch.compile")
+    parser.add_argument("--other-tree", type=Path, help="also the fused path of this checkout (a baseline)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"Command: `python benchmarks/edge_conv_layer.py {' '.join(sys.argv[1:])}`\n")
@@ -74,7 +86,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for shape in args.shapes:
         c_in, c_out, n = (int(x) for x in shape.split(":"))
-        paths, params = layer_paths(c_in, c_out)
+        paths, params = layer_paths(c_in, c_out, args.other_tree)
         if args.compile:
             paths.update({f"{name} (compiled)": torch.compile(fn) for name, fn in list(paths.items())})
         h = torch.randn(args.batch, c_in, n, requires_grad=True)
