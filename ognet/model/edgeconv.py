@@ -40,6 +40,12 @@ Pool = MaxMeanPool | MaxPool
 
 
 @functools.cache
+def _one(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A 0-dim 1 made once (a fill launch per call otherwise); only ever read."""
+    return torch.ones((), dtype=dtype, device=device)
+
+
+@functools.cache
 def _neighbour_centre(device: torch.device, dtype: torch.dtype) -> Tensor:
     """[[1, 0], [-1, 1]]: [W1, W2] -> [W1, W2 - W1] in one matmul (made once: a host copy per call otherwise)."""
     return torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=dtype, device=device)
@@ -115,7 +121,7 @@ class PooledEdgeNorm(torch.autograd.Function):
         # adding z_i cannot round near-ties into ties; then the same tensor becomes e = y_j + z_i.
         sign = None
         if gamma is not None:  # max of a·e = a·min(e) where a < 0: a max of -e
-            sign = torch.where(gamma < 0, -1.0, 1.0).to(v.dtype).unsqueeze(-1)
+            sign = torch.copysign(_one(v.device, v.dtype), gamma).unsqueeze(-1)  # ±1, also for gamma = ±0
         gathered = group_points(y if sign is None else y * sign, idx)  # (B, C, N, k): the only one, freed on return
         extreme, arg = gathered.max(-1)
         if sign is None:
@@ -165,7 +171,7 @@ class PooledEdgeNorm(torch.autograd.Function):
         gb = g.sum((0, 2)) if ctx.batch or need[6] else None
         win = ag if mix is None else ag * mix  # the max's share, to the winners
         spread = None if mix is None else ag - win  # k times the mean's share, to every neighbour
-        grad_v = g.new_empty(b, c, 2, n)
+        grad_v = torch.empty(b, c, 2, n, dtype=g.dtype, device=g.device)
         dy, dz = grad_v.unbind(2)
         if ctx.batch:  # BatchNorm's statistics: -lam, -nu of the module docstring
             sum_g, sum_gx = gb, gg  # the parameters' gradients stay this rank's (DDP sums them)
@@ -178,7 +184,9 @@ class PooledEdgeNorm(torch.autograd.Function):
             torch.add(ag, torch.addcmul(neg_nu, neg_lam, mean), alpha=k, out=dz)
             stats = torch.addcmul(neg_nu, neg_lam, z)
             spread = stats if spread is None else torch.add(stats, spread, alpha=1 / k)
-            count = y.new_zeros(b, 1, n).scatter_add_(2, idx.view(b, 1, -1), y.new_ones(()).expand(b, 1, n * k))
+            count = y.new_zeros(b, 1, n).scatter_add_(
+                2, idx.view(b, 1, -1), _one(y.device, y.dtype).expand(b, 1, n * k)
+            )
             torch.mul(count * neg_lam, y, out=dy)
         else:
             dz.copy_(ag)
