@@ -6,8 +6,8 @@
 Paths: `edge_tensor` (the original's), `gather`, `fused` (ognet/model/edgeconv.py); `--compile` adds
 each under torch.compile. Timed interleaved with 1 thread; process CPU time (steadier than wall time
 on a shared machine), median of the repeats after one warm-up (which also compiles). Also counts
-each path's kernel-running ops of one forward + backward as benchmarks/step_budget.py does (the
-loss's own 4 included).
+each path's kernel-running ops of one forward + backward as benchmarks/step_budget.py does (as on
+a GPU; the loss's own 4 included).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from step_budget import count_events  # noqa: E402  (benchmarks/ is on the path: this script's folder)
 
+from ognet.model import edgeconv  # noqa: E402
 from ognet.model.blocks import MaxMeanPool, PointwiseConv, edge_features  # noqa: E402
 from ognet.model.edgeconv import edge_conv_gathered, edge_conv_pooled  # noqa: E402
 from ognet.model.ops import knn  # noqa: E402
@@ -66,8 +67,12 @@ def kernel_ops(fn: Callable[[Tensor, Tensor], Tensor], h: Tensor, idx: Tensor, w
     """Top-level ops that run a kernel (step_budget.py's count) in one forward + backward, gradients unset."""
     for p in (h, *params):
         p.grad = None
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        (fn(h, idx) * weights).sum().backward()
+    edgeconv.COUNT_AS_ON_ACCELERATORS = True  # as step_budget.py: the ops a GPU run launches
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            (fn(h, idx) * weights).sum().backward()
+    finally:
+        edgeconv.COUNT_AS_ON_ACCELERATORS = False
     return count_events(prof)["kernel_ops"]
 
 

@@ -104,6 +104,31 @@ def edge_conv_pooled(
     return PooledEdgeNorm.apply(v, bias, idx, mix, norm, norm.weight, norm.bias, uses_batch_stats(norm))
 
 
+# Counted device ops (benchmarks/step_budget.py) are those of a GPU run: it sets this to True to take
+# the accelerator's branch on CPU too.
+COUNT_AS_ON_ACCELERATORS = False
+
+
+def _pass_statistics(e: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of e (B, C, N, k) from its mean over k: centred in place,
+    then batched dots (7 launches; `var_mean` is 2 fewer but 4x slower on CPU). Accelerators."""
+    mu = mean.mean((0, 2))
+    rows = e.sub_(mu.view(-1, 1, 1)).view(-1, 1, e.shape[2] * e.shape[3])  # (B·C, 1, N·k)
+    return mu, torch.bmm(rows, rows.transpose(1, 2)).view(e.shape[:2]).sum(0).div_(e.numel() // e.shape[1])
+
+
+def _sums_statistics(y: Tensor, z: Tensor, mean: Tensor, idx: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of e_ij = y_j + z_i (y, z centred; `mean` = mean_j e_ij)
+    from (B, C, N) sums: sum e² = sum_p count_p·y_p² + k·sum_i z_i·(2·mean_i - z_i), count_p how
+    often point p is a neighbour. No pass over (B, C, N, k) (CPU: the passes cost more than launches).
+    Returns the mean of e + shift (the uncentred one) and the variance."""
+    b, n, k = idx.shape
+    count = y.new_zeros(b, 1, n).scatter_add_(2, idx.view(b, 1, -1), _one(y.device, y.dtype).expand(b, 1, n * k))
+    squares = torch.addcmul(count * y.square(), z, torch.lerp(z, mean, 2.0), value=k).sum((0, 2)) / idx.numel()
+    mu = mean.mean((0, 2))
+    return mu + shift, torch.addcmul(squares, mu, mu, value=-1)
+
+
 class PooledEdgeNorm(torch.autograd.Function):
     """pool_k(BatchNorm2d(e)) (B, C, N) of e_ij = y_j + z_i, from v (B, C, 2, N) = [y ; z - conv bias].
 
@@ -114,40 +139,53 @@ class PooledEdgeNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, v, conv_bias, idx, mix, norm, gamma, beta, bias_cancels):  # noqa: PLR0913 (autograd's)
-        y, z = v.unbind(2)
-        if conv_bias is not None:
-            z = z + conv_bias.unsqueeze(-1)
+        batch = norm is not None and uses_batch_stats(norm)
+        by_sums = batch and v.device.type == "cpu" and not COUNT_AS_ON_ACCELERATORS
+        shift = None
+        if by_sums:  # centred by the channel means of y and z (constants: the statistics do not change)
+            centre = v.mean((0, 3), keepdim=True)
+            y, z = (v - centre).unbind(2)  # z without the conv bias: batch statistics remove it
+            shift = centre.sum(2).view(-1) if conv_bias is None else centre.sum(2).view(-1) + conv_bias
+        else:
+            y, z = v.unbind(2)
+            if conv_bias is not None:
+                z = z + conv_bias.unsqueeze(-1)
         # The max over the neighbours compares y_j alone (sign-flipped where gamma < 0: exact), so
-        # adding z_i cannot round near-ties into ties; then the same tensor becomes e = y_j + z_i.
+        # adding z_i cannot round near-ties into ties.
         sign = None
         if gamma is not None:  # max of a·e = a·min(e) where a < 0: a max of -e
             sign = torch.copysign(_one(v.device, v.dtype), gamma).unsqueeze(-1)  # ±1, also for gamma = ±0
         gathered = group_points(y if sign is None else y * sign, idx)  # (B, C, N, k): the only one, freed on return
         extreme, arg = gathered.max(-1)
-        if sign is None:
-            e, extreme = gathered.add_(z.unsqueeze(-1)), extreme.add_(z)
-        else:
-            e = torch.addcmul(z.unsqueeze(-1), gathered, sign.unsqueeze(-1), out=gathered)
-            extreme = torch.addcmul(z, extreme, sign)
-        batch = norm is not None and uses_batch_stats(norm)
-        mean = e.mean(-1) if mix is not None or batch else None  # batch: mean_j e_ij enters dz
+        extreme = extreme.add_(z) if sign is None else torch.addcmul(z, extreme, sign)
+        mean = e = None
+        if by_sums:
+            mean = gathered.mean(-1)
+            mean = mean.add_(z) if sign is None else torch.addcmul(z, mean, sign)
+        elif mix is not None or batch:  # e = y_j + z_i in place; batch: mean_j e_ij enters dz
+            e = (
+                gathered.add_(z.unsqueeze(-1))
+                if sign is None
+                else torch.addcmul(z.unsqueeze(-1), gathered, sign.unsqueeze(-1), out=gathered)
+            )
+            mean = e.mean(-1)
         mu = rstd = None
         if norm is not None:
-            if batch:  # centred two-pass variance (var_mean: 2 ops less, 4x slower on CPU)
-                count = e.numel() // e.shape[1]
-                mu = mean.mean((0, 2))
-                rows = e.sub_(mu.view(-1, 1, 1)).view(-1, 1, e.shape[2] * e.shape[3])  # (B·C, 1, N·k)
-                var = torch.bmm(rows, rows.transpose(1, 2)).view(e.shape[:2]).sum(0).div_(count)  # batched dots
+            if batch:
+                count = idx.numel()
+                mu, var = _sums_statistics(y, z, mean, idx, shift) if by_sums else _pass_statistics(e, mean)
                 ctx.synchronised = synchronises(norm)
                 if ctx.synchronised:  # the statistics of every rank's batch; backward sums its sums too
                     mu, var, count = global_batch_stats(mu, var, count)
                 ctx.count = count
                 if norm.training and norm.track_running_stats:
                     update_running_stats(norm, mu, var, count)
+                if shift is not None:
+                    mu = mu - shift  # the centred terms' mean
             else:
-                mu, var = norm.running_mean.to(e.dtype), norm.running_var.to(e.dtype)
+                mu, var = norm.running_mean.to(v.dtype), norm.running_var.to(v.dtype)
             mu, rstd = mu.unsqueeze(-1), (var + norm.eps).rsqrt().unsqueeze(-1)
-        winner = idx.unsqueeze(1).expand(*e.shape).gather(3, arg.unsqueeze(-1)).squeeze(-1)  # point indices
+        winner = idx.unsqueeze(1).expand(*gathered.shape).gather(3, arg.unsqueeze(-1)).squeeze(-1)  # point indices
         pooled = torch.lerp(mean, extreme, mix) if mix is not None else extreme
         xhat = (pooled - mu).mul_(rstd) if norm is not None else pooled  # pooled normalised e
         out = xhat if gamma is None else torch.addcmul(beta.unsqueeze(-1), gamma.unsqueeze(-1), xhat)
