@@ -10,9 +10,11 @@ columns, a BatchNorm, then pools over the k neighbours. Two exact rewrites make 
 - `fused`: BatchNorm is a per-channel affine map a·(e - mu) + beta (a = gamma / sqrt(var + eps)),
   and pooling commutes with it: the max of a·e is a·max(e) where a >= 0 and a·min(e) where a < 0
   (a max of the sign-flipped e), the mean is a·mean(e). `PooledEdgeNorm` gathers e once, takes
-  its signed max and mean over the neighbours and its batch statistics (centred, two passes;
-  combined over the ranks under a synchronised BatchNorm), and frees it: nothing of size
-  (B, C', N, k) is kept for backward. Its backward is written by hand from
+  its signed max and mean over the neighbours and its batch statistics (combined over the ranks
+  under a synchronised BatchNorm), and frees it: nothing of size (B, C', N, k) is kept for
+  backward. The statistics: on accelerators two centred passes over e (few launches); on CPU
+  from (B, C', N) sums (sum e² = sum_p count_p·y_p² + k·sum_i z_i·(2·mean_j e_ij - z_i), y and z
+  centred), where a pass costs more than an op. Its backward is written by hand from
   (B, C', N) terms, so autograd replays no chain of small ops. With o = a·(e - mu) + beta pooled
   to out = s·o_j* + (1 - s)·mean_j o and g = dL/d out, BatchNorm's batch-statistics gradient is
   de_ij = a·(go_ij - (gb + gg·xhat_ij) / n), go_ij = g_i·(s·[j = j*] + (1 - s) / k),
@@ -21,8 +23,9 @@ columns, a BatchNorm, then pools over the k neighbours. Two exact rewrites make 
   (i, j) into p of de_ij = (s·a·g scattered to the winners) + ((1 - s)/k·a·g - lam·z - nu
   scattered to every neighbour) - lam·count_p·y_p, with lam = a·rstd·gg / n and
   nu = a·(gb - rstd·gg·mu) / n (both 0 with running statistics: then de = a·go; synchronised,
-  gb, gg and n are every rank's). About 50 device ops per EdgeConv forward + backward, from ~120
-  when autograd differentiated the same formulas op by op (benchmarks/results/step_budget.md).
+  gb, gg and n are every rank's). About 60 device ops per EdgeConv forward + backward (its conv,
+  pooling weight and activation included), from ~125 when autograd differentiated the same
+  formulas op by op (benchmarks/results/step_budget.md).
 """
 
 from __future__ import annotations
