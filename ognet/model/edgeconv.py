@@ -157,7 +157,7 @@ class PooledEdgeNorm(torch.autograd.Function):
         # adding z_i cannot round near-ties into ties.
         sign = None
         if gamma is not None:  # max of a·e = a·min(e) where a < 0: a max of -e
-            sign = torch.copysign(_one(v.device, v.dtype), gamma).unsqueeze(-1)  # ±1, also for gamma = ±0
+            sign = torch.where(gamma < 0, -1.0, 1.0).to(v.dtype).unsqueeze(-1)  # (copysign: no ONNX export)
         gathered = group_points(y if sign is None else y * sign, idx)  # (B, C, N, k): the only one, freed on return
         extreme, arg = gathered.max(-1)
         extreme = extreme.add_(z) if sign is None else torch.addcmul(z, extreme, sign)
