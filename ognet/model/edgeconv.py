@@ -42,16 +42,27 @@ from ognet.model.ops import group_points
 Pool = MaxMeanPool | MaxPool
 
 
+def _constant(values: float | tuple, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A small constant tensor made once per device and dtype (a launch or host copy per call
+    otherwise); made afresh while torch.compile or torch.export trace (a cached one would be theirs).
+    Only ever read."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return torch.tensor(values, dtype=dtype, device=device)
+    return _cached_constant(values, device, dtype)
+
+
 @functools.cache
+def _cached_constant(values: float | tuple, device: torch.device, dtype: torch.dtype) -> Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 def _one(device: torch.device, dtype: torch.dtype) -> Tensor:
-    """A 0-dim 1 made once (a fill launch per call otherwise); only ever read."""
-    return torch.ones((), dtype=dtype, device=device)
+    return _constant(1.0, device, dtype)
 
 
-@functools.cache
 def _neighbour_centre(device: torch.device, dtype: torch.dtype) -> Tensor:
-    """[[1, 0], [-1, 1]]: [W1, W2] -> [W1, W2 - W1] in one matmul (made once: a host copy per call otherwise)."""
-    return torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=dtype, device=device)
+    """[[1, 0], [-1, 1]]: [W1, W2] -> [W1, W2 - W1] in one matmul."""
+    return _constant(((1.0, 0.0), (-1.0, 1.0)), device, dtype)
 
 
 def per_point_products(conv: PointwiseConv, h: Tensor) -> Tensor:
