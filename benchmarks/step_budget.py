@@ -39,7 +39,7 @@ from ognet import dist  # noqa: E402
 from ognet.config import load_config  # noqa: E402
 from ognet.data import synth  # noqa: E402
 from ognet.data.pack import PackOptions, pack_dataset  # noqa: E402
-from ognet.model import VARIANTS, ops  # noqa: E402
+from ognet.model import VARIANTS, edgeconv, ops  # noqa: E402
 from ognet.monitor import Monitor  # noqa: E402
 from ognet.train import Trainer  # noqa: E402
 
@@ -212,6 +212,7 @@ def budget(trainer: Trainer, inputs: tuple[torch.Tensor, ...], warmup: int = 1) 
 def measure_one(variant: str, point_ops: str, batch: int, points: int, shards: Path) -> dict[str, Any]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ops.CPU_BLOCK_ELEMENTS = ops.DEVICE_BLOCK_ELEMENTS  # chunk as on CUDA: the counted budget is CUDA's
+    edgeconv.COUNT_AS_ON_ACCELERATORS = True  # EdgeConv's statistics as on CUDA too
     if point_ops == "triton" and device == "cpu":
         from ognet.model import triton_ops
 

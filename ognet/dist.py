@@ -390,12 +390,14 @@ def update_running_stats(
     BatchNorm reads num_batches_tracked on the host)."""
     assert norm.running_mean is not None and norm.running_var is not None and norm.num_batches_tracked is not None
     norm.num_batches_tracked.add_(1)
-    unbiased = var * count / (count - 1)
-    for running, value in ((norm.running_mean, mean), (norm.running_var, unbiased)):
-        if norm.momentum is None:
-            running.lerp_(value.to(running.dtype), 1.0 / norm.num_batches_tracked.to(running.dtype))
-        else:
-            running.lerp_(value.to(running.dtype), norm.momentum)
+    unbiased = var * (count / (count - 1))  # an int count: one op
+    buffers = [norm.running_mean, norm.running_var]
+    values = [value.to(running.dtype) for running, value in zip(buffers, (mean, unbiased))]
+    if norm.momentum is None:
+        for running, value in zip(buffers, values):
+            running.lerp_(value, 1.0 / norm.num_batches_tracked.to(running.dtype))
+    else:
+        torch._foreach_lerp_(buffers, values, norm.momentum)  # both buffers in one op
 
 
 class _AllReduceSumWithGrad(torch.autograd.Function):

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ognet.config import load_config
 from ognet.errors import ConfigError
-from ognet.model import VARIANTS, build_model, ops
+from ognet.model import VARIANTS, build_model, edgeconv, ops
 from ognet.model.blocks import MaxMeanPool, MaxPool, PointwiseConv, SetAbstraction, edge_features
 from ognet.model.edgeconv import edge_conv_gathered, edge_conv_pooled
 
@@ -64,7 +64,11 @@ LAYERS = [(3, 16, 300, 20), (16, 32, 120, 20), (32, 32, 64, 9)]  # (C in, C out,
 @pytest.mark.parametrize("norm,gem", [("bn2", True), ("bn2", False), ("bn", True), ("bn", False)])
 @pytest.mark.parametrize("training,momentum", [(True, 0.1), (True, None), (False, 0.1)])
 @pytest.mark.parametrize("shape", LAYERS)
-def test_layer_equals_the_edge_tensor_path_in_float64(shape, training, momentum, norm, gem, path):
+@pytest.mark.parametrize("accelerator_statistics", [False, True])  # fused: CPU's and CUDA's way
+def test_layer_equals_the_edge_tensor_path_in_float64(
+    shape, training, momentum, norm, gem, path, accelerator_statistics, monkeypatch
+):
+    monkeypatch.setattr(edgeconv, "COUNT_AS_ON_ACCELERATORS", accelerator_statistics)
     c_in, c_out, n, k = shape
     ref = Layer(c_in, c_out, norm, gem).double().train(training)
     ref.norm.momentum = momentum

@@ -149,7 +149,9 @@ def test_every_parameter_gets_a_gradient(variant):
     loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
-        assert p.grad.any(), name
+        # EdgeConv's conv biases: the BatchNorm's batch statistics remove them, so their gradient is
+        # 0 in exact math (the fused path returns exactly 0; the others, rounding noise)
+        assert p.grad.any() or (name.startswith("conv.") and name.endswith(".bias")), name
 
 
 def test_train_mode_circle_feature_is_the_dropped_out_feature():

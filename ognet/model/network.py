@@ -198,11 +198,8 @@ class OGNet(nn.Module):
         if self.config.id_skip == 2:
             nn.init.zeros_(self.p_w)
 
-    def _edge_conv(self, n: int, xyz_t: Tensor, h: Tensor, last_layer: bool) -> Tensor:
-        """One EdgeConv sub-block: kNN graph, Conv2d, BN, aggregation over k, LeakyReLU."""
-        # The last layer finds neighbours in xyz||feature space, the others in xyz space.
-        space = torch.cat([xyz_t, h], dim=1) if last_layer else xyz_t
-        idx = point_ops().knn(space, self.config.k)
+    def _edge_conv(self, n: int, h: Tensor, idx: Tensor) -> Tensor:
+        """One EdgeConv sub-block over the kNN graph idx: Conv2d, BN, aggregation over k, LeakyReLU."""
         path = self.config.edge_conv
         if path == "fused" and fusable(self.bn[n]):
             pooled = edge_conv_pooled(
@@ -224,20 +221,24 @@ class OGNet(nn.Module):
         h = rgb.transpose(1, 2)
         last = len(c.feature_dims) - 1
         s = 0
+        skip_mix = torch.sigmoid(self.p_w).unbind() if c.id_skip == 2 else ()  # one sigmoid for all layers
         for i, npoint in enumerate(self.sa_layers):
             h_in, xyz_in = h, xyz
             xyz_t = xyz.transpose(1, 2)
+            # The last layer finds neighbours in xyz||feature space, the others in xyz space: there
+            # the graph is the same for every sub-block (Deep has two), found once.
+            idx = None if i == last else point_ops().knn(xyz_t, c.k)
             for j in range(c.num_conv):
-                h = self._edge_conv(i * c.num_conv + j, xyz_t, h, i == last)
+                graph = point_ops().knn(torch.cat([xyz_t, h], dim=1), c.k) if idx is None else idx
+                h = self._edge_conv(i * c.num_conv + j, h, graph)
             if npoint is not None:
                 xyz, h, centre_idx = self.sa[s](xyz_in, h)
                 if c.id_skip == 2:
                     picked = gather_points(h_in, centre_idx).transpose(1, 2)
                     h_in = self.conv_s2[s](picked).transpose(1, 2)
                 s += 1
-            if c.id_skip == 2:
-                a = torch.sigmoid(self.p_w[i])
-                h = a * h_in + (1 - a) * h
+            if c.id_skip == 2:  # a·h_in + (1 - a)·h as one lerp (a fifth of the ops, forward and backward)
+                h = torch.lerp(h, h_in, skip_mix[i])
         pooled = torch.cat([max_last(h), h.mean(dim=2)], dim=1)
         feature = self.bn_embs[0](self.embs[0](pooled))
         circle_feature = self.dropout(feature)

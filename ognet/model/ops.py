@@ -64,13 +64,13 @@ def knn(x: Tensor, k: int, max_elements: int | None = None) -> Tensor:
         if k > n:
             raise ValueError(f"knn: k={k} neighbours requested but the cloud has only {n} points")
         points = x.transpose(1, 2)  # (B, N, C)
-        neg_sq = -x.square().sum(1).unsqueeze(1)  # (B, 1, N)
+        sq = x.square().sum(1).unsqueeze(1)  # (B, 1, N); beta=-1 below: no negation op
         parts = []
         for rows in _row_chunks(batch, n, n, max_elements, x.device):
             # -|a|^2 is the same for a whole row and cannot change its ranking: leave it out.
-            score = torch.baddbmm(neg_sq, points[:, rows], x, alpha=2.0)
+            score = torch.baddbmm(sq, points[:, rows], x, beta=-1.0, alpha=2.0)
             parts.append(score.topk(k, dim=-1).indices)
-        return torch.cat(parts, dim=1)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # one block: no copy
 
 
 @torch.no_grad()
