@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The demo: set up, synthesise a small 3D person data set, pack it into shards, train OG-Net-Small
-# on 2 processes with torchrun, evaluate the final checkpoint on 2 processes. About 6 minutes on 2
+# on 2 processes with torchrun, evaluate the final checkpoint on 2 processes. About 5.6 minutes on 2
 # CPU cores, set-up included (benchmarks/results/demo.md).
 #   bash launch/demo.sh            (OGNET_DEMO_DIR=data/demo, runs/demo by default)
 set -euo pipefail
