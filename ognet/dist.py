@@ -400,23 +400,6 @@ def update_running_stats(
         torch._foreach_lerp_(buffers, values, norm.momentum)  # both buffers in one op
 
 
-class _AllReduceSumWithGrad(torch.autograd.Function):
-    """Forward: the sum over ranks. Backward: the sum over ranks of the gradients, since every rank's
-    loss depends on the sum (under DDP's averaging, each rank then gets 1/W of the total's gradient)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
 def synchronises(norm: torch.nn.Module) -> bool:
     """Whether `norm` normalises by the statistics of every rank's batch (a SyncBatchNorm in a group)."""
     return isinstance(norm, SyncBatchNorm) and _active()
@@ -424,13 +407,14 @@ def synchronises(norm: torch.nn.Module) -> bool:
 
 def global_batch_stats(mean: torch.Tensor, var: torch.Tensor, count: int) -> tuple[torch.Tensor, ...]:
     """The mean and biased variance per channel of every rank's batch and its size, from this rank's
-    `mean` and `var` over `count` values, with gradients: one all-reduce of 2C+1 values each way, no
-    host read. Combined in float64 as SyncBatchNorm does (for code that computes its statistics
-    without a BatchNorm module, such as EdgeConv's fused path)."""
+    `mean` and `var` over `count` values: one all-reduce of 2C+1 values, no host read, combined in
+    float64 as SyncBatchNorm does. For code that computes its statistics without a BatchNorm module
+    (EdgeConv's fused path); no gradient flows through it: the caller's backward sums its terms over
+    the ranks (as `_SyncBatchNormFunction.backward`)."""
     m, v = mean.double(), var.double()
-    local = torch.cat([count * m, count * (v + m * m), m.new_full((1,), float(count))])
+    total = torch.cat([count * m, count * (v + m * m), m.new_full((1,), float(count))])  # this rank's, then all
     with collective("BatchNorm statistics all-reduce"):
-        total = _AllReduceSumWithGrad.apply(local)
+        dist.all_reduce(total)
     n, channels = total[-1], mean.shape[0]
     global_mean = total[:channels] / n
     global_var = (total[channels:-1] / n - global_mean * global_mean).clamp(min=0)
