@@ -186,12 +186,14 @@ def test_two_rank_ddp_run_learns_and_is_reproducible(tiny_shards, tmp_path):
 @pytest.mark.parametrize(("stage", "precision", "interrupt"), [(2, "bf16", "preempt"), (1, "fp32", "epochs")])
 def test_deepspeed_learns_and_resumes(tiny_shards, tmp_path, stage, precision, interrupt):
     """ZeRO-2 in bf16 (DeepSpeed's torch_autocast: float32 module and partitions), preempted by
-    SIGUSR1 to every rank as SLURM does; ZeRO-1 in fp32, stopped after 2 of 4 epochs."""
+    SIGUSR1 to every rank as SLURM does; ZeRO-1 in fp32, stopped after 2 of 4 epochs. Nothing is
+    JIT-compiled (a build costs a minute and leaves a lock that can hang later starts)."""
     import deepspeed  # noqa: F401  (tests/run.sh installs the deepspeed extra; without it this fails, naming it)
     from test_faults_processes import Run, rank_pids
 
     run_dir = tmp_path / "ds"
-    env = clean_env(DS_ACCELERATOR="cpu")
+    extensions = tmp_path / "torch_extensions"
+    env = clean_env(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(extensions))
     base = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", TRAIN]
     config = REPO / "configs" / "deepspeed" / f"zero{stage}.json"
     args = train_args(
@@ -226,6 +228,7 @@ def test_deepspeed_learns_and_resumes(tiny_shards, tmp_path, stage, precision, i
     assert "resumed from" in proc.stdout and "epoch 3 step 6/6" in proc.stdout
     assert all(v.dtype in (torch.float32, torch.int64) for v in weights(run_dir / "model_last.pt").values())
     assert_loss_falls(run_dir)
+    assert not extensions.exists(), f"DeepSpeed JIT-built {sorted(p.name for p in extensions.iterdir())}"
 
 
 def test_bad_config_key_fails_before_any_work(tiny_shards, tmp_path):

@@ -203,6 +203,7 @@ class DeepSpeedEngine:
             fp16={"enabled": False},
             torch_autocast={"enabled": self.precision == "bf16", "dtype": "bfloat16"},
         )
+        _skip_shared_memory_op(deepspeed)
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=make_optimizer(model, config), config=ds_config
         )
@@ -226,6 +227,15 @@ class DeepSpeedEngine:
         norm = torch.as_tensor(float("nan") if norm is None else norm, device=loss.device, dtype=torch.float32)
         done = torch.zeros((), dtype=torch.bool, device=loss.device)
         return StepResult(norm, done, done)
+
+
+def _skip_shared_memory_op(deepspeed: Any) -> None:
+    """Keep DeepSpeed from building its CPU shared-memory all-reduce, which only its inference
+    all-reduce uses. On the CPU accelerator its communication backend otherwise JIT-compiles that
+    C++ op at start-up (55-250 s in a fresh environment, every rank waiting), under a lock file in
+    ~/.cache/torch_extensions that a process killed mid-build leaves behind, after which every later
+    start waits on it forever. Other accelerators have no such op: the entry is unused there."""
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def build_engine(model: nn.Module, config: Config, info: dist.DistInfo, local_batch: int) -> Engine:
