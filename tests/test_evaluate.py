@@ -88,18 +88,22 @@ def ranking_margin(qf: np.ndarray, gf: np.ndarray, query: ShardReader, gallery: 
     return margin
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """Random OG-Net-Small weights with non-default BN running statistics."""
+def random_checkpoint(folder: Path, spec: dict) -> Path:
+    """`folder/model_last.pt`: random weights of the model `spec` with non-default BN running statistics."""
     torch.manual_seed(0)
-    model = build_model(MODEL_CONFIG["variant"], MODEL_CONFIG["num_classes"], **MODEL_CONFIG["overrides"])
+    model = build_model(spec["variant"], spec["num_classes"], **spec["overrides"])
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.running_mean.uniform_(-0.2, 0.2)
             module.running_var.uniform_(0.5, 2.0)
-    path = tmp_path_factory.mktemp("checkpoint") / "model_last.pt"
-    save_checkpoint(path, {"model": model.state_dict(), "model_config": MODEL_CONFIG})
-    return path
+    save_checkpoint(folder / "model_last.pt", {"model": model.state_dict(), "model_config": spec})
+    return folder / "model_last.pt"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """Random OG-Net-Small weights with non-default BN running statistics."""
+    return random_checkpoint(tmp_path_factory.mktemp("checkpoint"), MODEL_CONFIG)
 
 
 def write_config(path: Path, root: Path) -> Path:
