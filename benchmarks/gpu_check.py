@@ -2,7 +2,8 @@
 
     python benchmarks/gpu_check.py [--out benchmarks/results/gpu.md] [--smoke]
 
-On CUDA: Triton FPS and ball query against the reference on the GPU; a training step of every
+On CUDA: Triton FPS and ball query against the reference on the GPU, the fused EdgeConv's
+kernels against its PyTorch ops; a training step of every
 variant at batch 36 x 4096 points with reference and Triton ops (time per step, samples/s, peak
 memory, device ops and host syncs as benchmarks/step_budget.py counts them, CUDA kernels);
 bf16 and fp16 autocast steps; a 1-rank nccl training with torchrun on tiny synthetic shards; the
@@ -116,6 +117,39 @@ def check_kernels(s: Sizes) -> list[str]:
     return lines
 
 
+def check_edge_conv(s: Sizes) -> list[str]:
+    """One fused EdgeConv (64 -> 128 channels, k 20, train mode) forward + backward with the Triton
+    kernels against its PyTorch ops on the device: largest relative difference, ms per call."""
+    from ognet.model import edgeconv, triton_ops
+    from ognet.model.blocks import MaxMeanPool, PointwiseConv
+
+    b, n = (2, 64) if s.smoke else (s.batch, 1024)
+    torch.manual_seed(0)
+    conv, norm, pool = PointwiseConv(128, 128).to(s.device), torch.nn.BatchNorm2d(128).to(s.device), MaxMeanPool()
+    pool = pool.to(s.device)
+    with torch.no_grad():
+        norm.weight.uniform_(-1, 1)  # both signs: both ways of the max
+    h = torch.randn(b, 64, n, device=s.device)
+    idx = ops.knn(torch.randn(b, 3, n, device=s.device), 20)
+
+    def step(point_ops: ops.PointOps) -> list[torch.Tensor]:
+        x = h.clone().requires_grad_()
+        with ops.using_point_ops(point_ops):
+            out = edgeconv.edge_conv_pooled(conv, norm, pool, x, idx, norm_after_pool=False)
+            grads = torch.autograd.grad(out.square().sum(), [x, conv.weight, norm.weight, pool.p])
+        return [out.detach(), *grads]
+
+    want, got = step(ops.REFERENCE_OPS), step(triton_ops.TRITON_OPS)
+    worst = max(float((a - b).norm() / b.norm()) for a, b in zip(got, want))
+    repeats = 1 if s.smoke else 10
+    ms = [seconds(lambda o=o: step(o), s.device, repeats) * 1e3 for o in (ops.REFERENCE_OPS, triton_ops.TRITON_OPS)]
+    return [
+        "| B x N, 64 -> 128 channels, k 20 | largest relative difference | ms PyTorch ops / Triton |",
+        "|---|---|---|",
+        f"| {b} x {n} | {worst:.2e} | {ms[0]:.2f} / {ms[1]:.2f} |",
+    ]
+
+
 def cuda_kernels(trainer: Any, inputs: tuple) -> int | str:
     """CUDA kernels of one step, from the profiler's device activity."""
     if not torch.cuda.is_available():
@@ -219,6 +253,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     shards = step_budget.make_data(folder)
     parts.append(("Triton point ops against the reference (on the device)", lambda: check_kernels(s)))
+    parts.append(("Fused EdgeConv: Triton kernels against PyTorch ops (on the device)", lambda: check_edge_conv(s)))
     runs = [(v, p, []) for v in args.variants for p in s.point_ops]
     runs += [("ognet", "triton", [f"train.precision={p}"]) for p in s.precisions]
     title = f"Training step, batch {s.batch} x {s.points} points (median of {s.steps} steps after a warm-up)"

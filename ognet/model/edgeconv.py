@@ -25,7 +25,9 @@ columns, a BatchNorm, then pools over the k neighbours. Two exact rewrites make 
   nu = a·(gb - rstd·gg·mu) / n (both 0 with running statistics: then de = a·go; synchronised,
   gb, gg and n are every rank's). About 60 device ops per EdgeConv forward + backward (its conv,
   pooling weight and activation included), from ~125 when autograd differentiated the same
-  formulas op by op (benchmarks/results/step_budget.md).
+  formulas op by op (benchmarks/results/step_budget.md). Point ops with kernels (Triton,
+  `model.point_ops`) take the gather, pooling and statistics (`pool_edges`) and the backward's
+  scatters (`scatter_edges`) in 3 launches instead of about 21.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from torch import Tensor, nn
 
 from ognet.dist import SyncBatchNorm, all_reduce_sum, global_batch_stats, synchronises, update_running_stats
 from ognet.model.blocks import MaxMeanPool, MaxPool, PointwiseConv
-from ognet.model.ops import group_points
+from ognet.model.ops import group_points, point_ops
 
 Pool = MaxMeanPool | MaxPool
 
@@ -143,6 +145,65 @@ def _sums_statistics(y: Tensor, z: Tensor, mean: Tensor, idx: Tensor, shift: Ten
     return mu + shift, torch.addcmul(squares, mu, mu, value=-1)
 
 
+def _pool_in_torch(  # noqa: PLR0913
+    v: Tensor, conv_bias: Tensor | None, idx: Tensor, gamma: Tensor | None, batch: bool, need_mean: bool
+) -> tuple:
+    """`triton_edgeconv.pool_edges` in PyTorch ops (some 14 launches): y, z, the max, mean and
+    winners over the neighbours and the statistics; on CPU the statistics come from per-point sums
+    of y and z centred by `shift` (see `_sums_statistics`), which the result holds last."""
+    by_sums = batch and v.device.type == "cpu" and not COUNT_AS_ON_ACCELERATORS
+    shift = None
+    if by_sums:  # centred by the channel means of y and z (constants: the statistics do not change)
+        centre = v.mean((0, 3), keepdim=True)
+        y, z = (v - centre).unbind(2)  # z without the conv bias: batch statistics remove it
+        shift = centre.sum(2).view(-1) if conv_bias is None else centre.sum(2).view(-1) + conv_bias
+    else:
+        y, z = v.unbind(2)
+        if conv_bias is not None:
+            z = z + conv_bias.unsqueeze(-1)
+    # The max over the neighbours compares y_j alone (sign-flipped where gamma < 0: exact), so
+    # adding z_i cannot round near-ties into ties.
+    sign = None
+    if gamma is not None:  # max of a·e = a·min(e) where a < 0: a max of -e
+        sign = torch.where(gamma < 0, -1.0, 1.0).to(v.dtype).unsqueeze(-1)  # (copysign: no ONNX export)
+    gathered = group_points(y if sign is None else y * sign, idx)  # (B, C, N, k): the only one, freed on return
+    extreme, arg = gathered.max(-1)
+    extreme = extreme.add_(z) if sign is None else torch.addcmul(z, extreme, sign)
+    winner = idx.unsqueeze(1).expand(*gathered.shape).gather(3, arg.unsqueeze(-1)).squeeze(-1)  # point indices
+    if by_sums:
+        mean = gathered.mean(-1)
+        mean = mean.add_(z) if sign is None else torch.addcmul(z, mean, sign)
+        return y, z, extreme, mean, winner, _sums_statistics(y, z, mean, idx, shift), shift
+    if not (need_mean or batch):
+        return y, z, extreme, None, winner, None, None
+    # e = y_j + z_i in place; batch: mean_j e_ij enters dz
+    e = (
+        gathered.add_(z.unsqueeze(-1))
+        if sign is None
+        else torch.addcmul(z.unsqueeze(-1), gathered, sign.unsqueeze(-1), out=gathered)
+    )
+    mean = e.mean(-1)
+    return y, z, extreme, mean, winner, _pass_statistics(e, mean) if batch else None, None
+
+
+def _scatter_in_torch(  # noqa: PLR0913
+    dy: Tensor, idx: Tensor, winner: Tensor, win: Tensor, spread: Tensor | None, lam: Tensor | None, y: Tensor
+) -> None:
+    """`triton_edgeconv.scatter_edges` in PyTorch ops (up to 7 launches): dy := win at the winners
+    + spread_i + lam·y_j at every neighbour j of i (lam·y_p once per edge into p: count_p times)."""
+    b, c, n = dy.shape
+    k = idx.shape[-1]
+    if lam is None:
+        dy.zero_()
+    else:
+        count = y.new_zeros(b, 1, n).scatter_add_(2, idx.view(b, 1, -1), _one(y.device, y.dtype).expand(b, 1, n * k))
+        torch.mul(count * lam, y, out=dy)
+    dy.scatter_add_(2, winner, win)
+    if spread is not None:
+        neighbours = idx.view(b, 1, n * k).expand(b, c, -1)
+        dy.scatter_add_(2, neighbours, spread.unsqueeze(-1).expand(b, c, n, k).reshape(b, c, -1))
+
+
 class PooledEdgeNorm(torch.autograd.Function):
     """pool_k(BatchNorm2d(e)) (B, C, N) of e_ij = y_j + z_i, from v (B, C, 2, N) = [y ; z - conv bias].
 
@@ -154,40 +215,19 @@ class PooledEdgeNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v, conv_bias, idx, mix, norm, gamma, beta, bias_cancels):  # noqa: PLR0913 (autograd's)
         batch = norm is not None and uses_batch_stats(norm)
-        by_sums = batch and v.device.type == "cpu" and not COUNT_AS_ON_ACCELERATORS
-        shift = None
-        if by_sums:  # centred by the channel means of y and z (constants: the statistics do not change)
-            centre = v.mean((0, 3), keepdim=True)
-            y, z = (v - centre).unbind(2)  # z without the conv bias: batch statistics remove it
-            shift = centre.sum(2).view(-1) if conv_bias is None else centre.sum(2).view(-1) + conv_bias
-        else:
+        kernels = point_ops().pool_edges
+        if kernels is not None:  # two launches (ognet.model.triton_edgeconv)
             y, z = v.unbind(2)
-            if conv_bias is not None:
-                z = z + conv_bias.unsqueeze(-1)
-        # The max over the neighbours compares y_j alone (sign-flipped where gamma < 0: exact), so
-        # adding z_i cannot round near-ties into ties.
-        sign = None
-        if gamma is not None:  # max of a·e = a·min(e) where a < 0: a max of -e
-            sign = torch.where(gamma < 0, -1.0, 1.0).to(v.dtype).unsqueeze(-1)  # (copysign: no ONNX export)
-        gathered = group_points(y if sign is None else y * sign, idx)  # (B, C, N, k): the only one, freed on return
-        extreme, arg = gathered.max(-1)
-        extreme = extreme.add_(z) if sign is None else torch.addcmul(z, extreme, sign)
-        mean = e = None
-        if by_sums:
-            mean = gathered.mean(-1)
-            mean = mean.add_(z) if sign is None else torch.addcmul(z, mean, sign)
-        elif mix is not None or batch:  # e = y_j + z_i in place; batch: mean_j e_ij enters dz
-            e = (
-                gathered.add_(z.unsqueeze(-1))
-                if sign is None
-                else torch.addcmul(z.unsqueeze(-1), gathered, sign.unsqueeze(-1), out=gathered)
-            )
-            mean = e.mean(-1)
+            z = z if conv_bias is None else z + conv_bias.unsqueeze(-1)
+            extreme, mean, winner, stats = kernels(y, z, idx, gamma, batch)
+            shift = None
+        else:
+            y, z, extreme, mean, winner, stats, shift = _pool_in_torch(v, conv_bias, idx, gamma, batch, mix is not None)
         mu = rstd = None
         if norm is not None:
             if batch:
                 count = idx.numel()
-                mu, var = _sums_statistics(y, z, mean, idx, shift) if by_sums else _pass_statistics(e, mean)
+                mu, var = stats
                 ctx.synchronised = synchronises(norm)
                 if ctx.synchronised:  # the statistics of every rank's batch; backward sums its sums too
                     mu, var, count = global_batch_stats(mu, var, count)
@@ -199,13 +239,13 @@ class PooledEdgeNorm(torch.autograd.Function):
             else:
                 mu, var = norm.running_mean.to(v.dtype), norm.running_var.to(v.dtype)
             mu, rstd = mu.unsqueeze(-1), (var + norm.eps).rsqrt().unsqueeze(-1)
-        winner = idx.unsqueeze(1).expand(*gathered.shape).gather(3, arg.unsqueeze(-1)).squeeze(-1)  # point indices
         pooled = torch.lerp(mean, extreme, mix) if mix is not None else extreme
         xhat = (pooled - mu).mul_(rstd) if norm is not None else pooled  # pooled normalised e
         out = xhat if gamma is None else torch.addcmul(beta.unsqueeze(-1), gamma.unsqueeze(-1), xhat)
         if gamma is None and beta is not None:
             out = out + beta.unsqueeze(-1)
         ctx.batch, ctx.has_bias, ctx.bias_cancels = batch, conv_bias is not None, bias_cancels
+        ctx.scatter = point_ops().scatter_edges or _scatter_in_torch  # backward's, chosen with forward's
         ctx.save_for_backward(y, z, idx, winner, mean, extreme, xhat, mix, mu, rstd, gamma)
         return out
 
@@ -236,18 +276,11 @@ class PooledEdgeNorm(torch.autograd.Function):
             torch.add(ag, torch.addcmul(neg_nu, neg_lam, mean), alpha=k, out=dz)
             stats = torch.addcmul(neg_nu, neg_lam, z)
             spread = stats if spread is None else torch.add(stats, spread, alpha=1 / k)
-            count = y.new_zeros(b, 1, n).scatter_add_(
-                2, idx.view(b, 1, -1), _one(y.device, y.dtype).expand(b, 1, n * k)
-            )
-            torch.mul(count * neg_lam, y, out=dy)
         else:
             dz.copy_(ag)
-            dy.zero_()
+            neg_lam = None
             spread = None if spread is None else spread.div_(k)
-        dy.scatter_add_(2, winner, win)
-        if spread is not None:
-            neighbours = idx.view(b, 1, n * k).expand(b, c, -1)
-            dy.scatter_add_(2, neighbours, spread.unsqueeze(-1).expand(b, c, n, k).reshape(b, c, -1))
+        ctx.scatter(dy, idx, winner, win, spread, neg_lam, y)
         grad_bias = None
         if ctx.has_bias:  # batch statistics (here or in the BatchNorm1d after) remove the bias: exactly 0
             grad_bias = g.new_zeros(c) if ctx.bias_cancels else dz.sum((0, 2))

@@ -176,11 +176,16 @@ def group_points(features: Tensor, idx: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class PointOps:
-    """The index-producing point ops the model calls. Replace with `set_point_ops`."""
+    """The index-producing point ops the model calls, and the kernels of its neighbourhood
+    gathers and scatters. Replace with `set_point_ops`."""
 
     knn: Callable[[Tensor, int], Tensor] = knn
     farthest_point_sample: Callable[[Tensor, int], Tensor] = farthest_point_sample
     ball_query: Callable[[Tensor, Tensor, Sequence[float], Sequence[int]], list[Tensor]] = ball_query
+    # The fused EdgeConv's gather/pool/statistics and its backward's scatters (kernels of
+    # ognet.model.triton_edgeconv); None: ognet.model.edgeconv's PyTorch code.
+    pool_edges: Callable[..., tuple] | None = None
+    scatter_edges: Callable[..., None] | None = None
 
 
 REFERENCE_OPS = PointOps()

@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.profiler import record_function
 
-from ognet.model import ops
+from ognet.model import ops, triton_edgeconv
 
 # The reference keeps a point when float64(norm2) > 1e-3. For a float32 norm2 this is norm2 >= the
 # smallest float32 above 1e-3, a comparison the kernel can make in float32.
@@ -196,4 +196,9 @@ def ball_query(xyz: Tensor, centres: Tensor, radii: Sequence[float], nsamples: S
     return outs
 
 
-TRITON_OPS = ops.PointOps(farthest_point_sample=farthest_point_sample, ball_query=ball_query)
+TRITON_OPS = ops.PointOps(
+    farthest_point_sample=farthest_point_sample,
+    ball_query=ball_query,
+    pool_edges=triton_edgeconv.pool_edges,
+    scatter_edges=triton_edgeconv.scatter_edges,
+)
