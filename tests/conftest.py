@@ -67,6 +67,16 @@ def pytest_collection_modifyitems(config, items) -> None:
             for d in defs
         ):
             item.add_marker(pytest.mark.xdist_group(module.__name__))
+    if getattr(config.option, "loadgroup", False):  # an xdist worker's (its `dist` option reads "no")
+        # Longest first (tests/run.sh passes --no-loadscope-reorder, so xdist hands out work in this
+        # order): the slow tests, and the groups holding one, before the many quick ones, so that no
+        # worker is still running a long test when the others have run out of work.
+        def unit(item) -> str:
+            group = item.get_closest_marker("xdist_group")
+            return group.args[0] if group else item.nodeid
+
+        slow = {unit(item) for item in items if item.get_closest_marker("slow")}
+        items.sort(key=lambda item: unit(item) not in slow)  # stable: collection order otherwise
 
 
 def pytest_configure(config) -> None:

@@ -20,18 +20,20 @@ LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER
 
 
 def free_port() -> int:
-    """A port free now, from a range of its own per pytest-xdist worker (gw0: 20000-24999, gw1:
-    25000-29999, ...), so that two workers never pick the same one between its check and its use."""
+    """A port free now, from a range of its own per pytest-xdist worker (gw0: 12000-14499, gw1:
+    14500-16999, ... gw7: 29500-31999), so that two workers never pick the same one between its
+    check and its use; all below Linux's ephemeral ports (32768-60999), which any process's outgoing
+    connection, torchrun --standalone and the SLURM cluster may take meanwhile."""
     worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
-    low = 20000 + 5000 * (worker % 8)
-    for port in random.Random().sample(range(low, low + 5000), 5000):
+    low = 12000 + 2500 * (worker % 8)
+    for port in random.Random().sample(range(low, low + 2500), 2500):
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
             return port
-    raise RuntimeError(f"no free port in {low}-{low + 4999}")
+    raise RuntimeError(f"no free port in {low}-{low + 2499}")
 
 
 def clean_env(**extra: str) -> dict[str, str]:
