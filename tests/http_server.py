@@ -77,42 +77,47 @@ class FileServer:
         return False
 
     def _serve(self, h: http.server.BaseHTTPRequestHandler, head: bool) -> None:
+        """Each request is recorded before its answer goes out: a client that has read its answer
+        finds the request in `requests` (recorded after the body, the last one could be missing)."""
         path = self.folder / h.path.lstrip("/").split("?")[0]
         if ".." in h.path or not path.is_file():
+            self.requests.append((h.command, h.path, h.headers.get("Range"), 0))
             h.send_response(404)
             h.send_header("Content-Length", "0")
             h.end_headers()
-            self.requests.append((h.command, h.path, h.headers.get("Range"), 0))
             return
         data = path.read_bytes()
         wanted = h.headers.get("Range")
         m = _RANGE.match(wanted or "")
-        if m and not self.faults.ignore_ranges:
+        ranged = bool(m) and not self.faults.ignore_ranges
+        if ranged:
             start, end = int(m.group(1)), min(int(m.group(2) or len(data) - 1), len(data) - 1)
             body = data[start : end + 1]
+        else:
+            body = data
+        stall = not head and self._take("stall", h.path)
+        drop = not head and not stall and self._take("drop", h.path)
+        sent = 0 if head or stall else len(body) // 2 if drop else len(body)
+        self.requests.append((h.command, h.path, wanted, sent))
+        if ranged:
             h.send_response(206)
             h.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
         else:
-            body = data
             h.send_response(200)
         h.send_header("Content-Length", str(len(body)))
         h.send_header("Accept-Ranges", "bytes")
         h.end_headers()
         if head:
-            self.requests.append((h.command, h.path, wanted, 0))
             return
-        if self._take("stall", h.path):
-            self.requests.append((h.command, h.path, wanted, 0))
+        if stall:
             self.stopping.wait(120)  # hangs until the server stops (or 2 minutes)
             h.close_connection = True
             return
-        if self._take("drop", h.path):
-            h.wfile.write(body[: len(body) // 2])
+        if drop:
+            h.wfile.write(body[:sent])
             h.wfile.flush()
-            self.requests.append((h.command, h.path, wanted, len(body) // 2))
             h.close_connection = True
             time.sleep(0.01)
             h.connection.shutdown(2)  # socket.SHUT_RDWR: the client sees the connection end mid-body
             return
         h.wfile.write(body)
-        self.requests.append((h.command, h.path, wanted, len(body)))
