@@ -21,9 +21,9 @@ fi
 # Style first: lint and format are part of the suite (configured in pyproject.toml).
 "$OGNET_PY" -m ruff check --quiet .
 "$OGNET_PY" -m ruff format --check --quiet .
-# Three workers on the 2 cores CI has (pytest-xdist): multi-process tests wait on their processes' start
-# and on sleeps part of the time, and a third worker fills those gaps (suite 472 -> 420 s measured,
-# see README). tests/conftest.py keeps a module on one worker when its tests share a module fixture,
+# Three workers on the 2 cores CI has (pytest-xdist): multi-process tests spend part of their time
+# waiting on their processes, and a third worker fills those gaps (the parallel part of the same
+# code, quiet: 472 s on 2 workers, 420 s on 3). tests/conftest.py keeps a module on one worker when its tests share a module fixture,
 # so that it is made once, and hands out the slow tests first (hence --no-loadscope-reorder). Then
 # the tests that assert wall-clock bounds run alone, so that the others' load cannot make them fail.
 # OGNET_TEST_WORKERS=0 runs everything in one process.
