@@ -34,6 +34,9 @@ fi
 status=0
 "$OGNET_PY" -m pytest tests -n "$workers" --dist loadgroup --no-loadscope-reorder -m "not serial" "$@" || status=$?
 rc=0
-"$OGNET_PY" -m pytest tests -m serial "$@" || rc=$?
+# Only the files that hold serial tests: collecting all of tests/ again would cost seconds of the
+# serial part (a file marks them with `pytest.mark.serial`).
+mapfile -t serial_files < <(grep -l "mark\.serial" tests/test_*.py)
+"$OGNET_PY" -m pytest "${serial_files[@]}" -m serial "$@" || rc=$?
 [ "$rc" = 5 ] || [ "$rc" = 0 ] || status=$rc  # 5: the arguments selected no serial test
 exit "$status"
