@@ -89,21 +89,18 @@ class FileServer:
         data = path.read_bytes()
         wanted = h.headers.get("Range")
         m = _RANGE.match(wanted or "")
-        ranged = bool(m) and not self.faults.ignore_ranges
-        if ranged:
+        if m and not self.faults.ignore_ranges:
             start, end = int(m.group(1)), min(int(m.group(2) or len(data) - 1), len(data) - 1)
-            body = data[start : end + 1]
+            body, status, content_range = data[start : end + 1], 206, f"bytes {start}-{end}/{len(data)}"
         else:
-            body = data
+            body, status, content_range = data, 200, None
         stall = not head and self._take("stall", h.path)
         drop = not head and not stall and self._take("drop", h.path)
         sent = 0 if head or stall else len(body) // 2 if drop else len(body)
         self.requests.append((h.command, h.path, wanted, sent))
-        if ranged:
-            h.send_response(206)
-            h.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
-        else:
-            h.send_response(200)
+        h.send_response(status)
+        if content_range:
+            h.send_header("Content-Range", content_range)
         h.send_header("Content-Length", str(len(body)))
         h.send_header("Accept-Ranges", "bytes")
         h.end_headers()

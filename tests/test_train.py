@@ -174,7 +174,9 @@ def test_two_rank_ddp_run_learns_as_one_process_would(tiny_shards, tmp_path):
     [(2, "bf16", True), (1, "fp32", False)],
     ids=["zero2-bf16-preempted", "zero1-fp32"],
 )
-def test_deepspeed_learns_and_resumes(tiny_shards, tmp_path, stage, precision, preempt):
+def test_deepspeed_learns_checkpoints_per_rank_and_resumes_a_preempted_run(
+    tiny_shards, tmp_path, stage, precision, preempt
+):
     """ZeRO-2 in bf16 (DeepSpeed's torch_autocast: float32 module and partitions), preempted by
     SIGUSR1 to every rank as SLURM does, then resumed; ZeRO-1 in fp32 in one go (its checkpoints are
     written by the same code). Nothing is JIT-compiled (a build costs a minute and leaves a lock that
