@@ -23,7 +23,7 @@ import pytest
 import torch
 import yaml
 from data_fixtures import tiny_root, tiny_shards  # noqa: F401  (fixtures)
-from dist_scripts.procs import REPO, TORCHRUN, clean_env, run
+from dist_scripts.procs import REPO, TORCHRUN, clean_env, run, run_here
 from picture_checks import decode_png, expected_tiles, frame_pixels, hparams_metrics, inner, tiles_of
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -53,10 +53,13 @@ def eval_env() -> dict[str, str]:
 
 
 def evaluate(nproc: int, config: Path, checkpoint: Path, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """`launch/evaluate.py` as a plain process (nproc 0) or under torchrun with nproc ranks."""
-    launcher = [sys.executable] if nproc == 0 else [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [*launcher, EVAL, "--config", str(config), "--checkpoint", str(checkpoint), f"run_dir={run_dir}", *overrides]
-    return run(cmd, env=eval_env(), timeout=TIMEOUT)
+    """`launch/evaluate.py` under torchrun with nproc ranks, or (nproc 0) as one plain process: this
+    one, which saves a process's start-up (no launcher, no process group either way)."""
+    args = ["--config", str(config), "--checkpoint", str(checkpoint), f"run_dir={run_dir}", *overrides]
+    if nproc == 0:
+        return run_here(eval_main, args)
+    launcher = [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}"]
+    return run([*launcher, EVAL, *args], env=eval_env(), timeout=TIMEOUT)
 
 
 def features(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,6 @@ import queue
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,13 +20,14 @@ from pathlib import Path
 import psutil
 import pytest
 from data_fixtures import tiny_shards  # noqa: F401  (fixture)
-from dist_scripts.procs import TORCHRUN, clean_env
+from dist_scripts.procs import TORCHRUN, clean_env, run_here
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_stack_dumps import threads_taking_usr2
 from test_train import TRAIN, assert_same_weights, train_args
 
 from ognet.checkpoint import checkpoint_steps, load_checkpoint
 from ognet.stack_dumps import HEADER
+from ognet.train import main as train_main
 
 pytestmark = pytest.mark.slow
 
@@ -197,13 +197,7 @@ DIVERGING = ("optim.lr=1e30", "train.epochs=1", "eval.rank_list_queries=0")
 
 def test_a_non_finite_loss_stops_with_a_clear_error_and_the_last_good_state(tiny_shards, tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, TRAIN, *train_args(tiny_shards, run_dir, *DIVERGING)],
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_here(train_main, train_args(tiny_shards, run_dir, *DIVERGING), check=False)
     assert proc.returncode == 1, proc.stderr[-3000:]
     good = run_dir / "checkpoints" / "step-00000001.pt"
     assert proc.stderr.strip().splitlines()[-1] == (
@@ -217,13 +211,7 @@ def test_a_non_finite_loss_stops_with_a_clear_error_and_the_last_good_state(tiny
 
 def test_non_finite_steps_are_skipped_counted_and_logged(tiny_shards, tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, TRAIN, *train_args(tiny_shards, run_dir, *DIVERGING, "train.nonfinite=skip")],
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_here(train_main, train_args(tiny_shards, run_dir, *DIVERGING, "train.nonfinite=skip"), check=False)
     for n, step in ((1, 2), (2, 3)):
         assert (
             f"non-finite loss at epoch 0 step {step}/3 (global step {step}): step skipped ({n} so far, "

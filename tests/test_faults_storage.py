@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from data_fixtures import MAX_COUNT, tiny_root, tiny_shards  # noqa: F401  (fixtures)
-from dist_scripts.procs import REPO, clean_env, run
+from dist_scripts.procs import REPO, clean_env, run, run_here
 from test_shards import files_of, shard_paths
 from test_train import TRAIN, assert_same_weights, train_args
 
@@ -29,6 +29,7 @@ from ognet.checkpoint import CheckpointError, checkpoint_steps, latest_checkpoin
 from ognet.data.pack import PARTS_DIR
 from ognet.data.shards import INDEX_NAME, shard_name
 from ognet.io import DiskFullError
+from ognet.train import main as train_main
 
 # a checkpoint after every step, all kept: 2 epochs of 3 steps give step-00000001.pt ... step-00000006.pt
 EVERY_STEP = ("train.checkpoint_every_steps=1", "train.keep_checkpoints=10", "eval.rank_list_queries=0")
@@ -44,7 +45,7 @@ def partials(folder: Path) -> list[Path]:
 def uninterrupted(tiny_shards, tmp_path_factory) -> Path:
     """The reference: the tiny training run start to end, never interrupted."""
     run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    run([sys.executable, TRAIN, *train_args(tiny_shards, run_dir, *EVERY_STEP)], timeout=300)
+    run_here(train_main, train_args(tiny_shards, run_dir, *EVERY_STEP))  # in this process: nothing kills it
     return run_dir
 
 

@@ -6,22 +6,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from data_fixtures import TINY, tiny_shards  # noqa: F401  (fixture)
-from dist_scripts.procs import REPO, run
-from test_train import TRAIN, train_args, weights
+from dist_scripts.procs import run_here
+from test_train import train_args, weights
 
 from ognet.data import synth
 from ognet.data.pack import PackOptions, pack_dataset
 from ognet.errors import OgnetError
+from ognet.evaluate import main as evaluate_main
 from ognet.model import build_model
+from ognet.train import main as train_main
 from ognet.train.checkpointer import init_weights
 
-EVALUATE = str(REPO / "launch" / "evaluate.py")
 OTHER = dataclasses.replace(TINY, train_ids=6, train_images=36, test_ids=5, query_images=10, seed=7)
 
 
@@ -38,10 +38,7 @@ def other_shards(tmp_path_factory) -> Path:
 def trained(tiny_shards, tmp_path_factory) -> Path:
     """model_last.pt of a short run on the tiny set (8 identities)."""
     run_dir = tmp_path_factory.mktemp("source") / "run"
-    run(
-        [sys.executable, TRAIN, *train_args(tiny_shards, run_dir, "train.epochs=1", "eval.rank_list_queries=0")],
-        timeout=300,
-    )
+    run_here(train_main, train_args(tiny_shards, run_dir, "train.epochs=1", "eval.rank_list_queries=0"))
     return run_dir / "model_last.pt"
 
 
@@ -62,19 +59,19 @@ def test_init_weights_keeps_every_tensor_but_a_classifier_of_another_size(traine
 @pytest.mark.slow
 def test_cross_data_set_evaluation_and_fine_tuning(trained, other_shards, tmp_path):
     evaluated = tmp_path / "eval-other"
-    run([sys.executable, EVALUATE, "--checkpoint", str(trained), *train_args(other_shards, evaluated)], timeout=300)
+    run_here(evaluate_main, ["--checkpoint", str(trained), *train_args(other_shards, evaluated)])
     metrics = json.loads((evaluated / "metrics-eval.json").read_text())
     assert metrics["num_queries"] == OTHER.query_images and metrics["step"] == 3  # the checkpoint's step
     assert "evaluating" in (evaluated / "eval.log").read_text()
 
     tuned = tmp_path / "tuned"
     args = train_args(other_shards, tuned, "train.epochs=1", f"train.init_from={trained}", "eval.rank_list_queries=0")
-    proc = run([sys.executable, TRAIN, *args], timeout=300)
+    proc = run_here(train_main, args)
     assert f"weights initialised from {trained} (classifier re-initialised (8 -> 6 classes))" in proc.stdout
     assert "epoch 0 step 1/3" in proc.stdout and "resumed" not in proc.stdout  # a fresh schedule
     assert weights(tuned / "model_last.pt")["proj_output.weight"].shape == (6, 512)
     log = (tuned / "train.log").read_text()
     assert "command:" in log and "versions: python" in log and "weights initialised from" in log
 
-    proc = run([sys.executable, TRAIN, *args, "train.epochs=2"], timeout=300)  # the same command, later: resumes
+    proc = run_here(train_main, [*args, "train.epochs=2"])  # the same command, later: resumes
     assert "resumed from" in proc.stdout and "weights initialised" not in proc.stdout

@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 import webdataset as wds
 from data_fixtures import TINY_SPLITS, assert_sample_equal, source_samples, tiny_root, tiny_shards  # noqa: F401
-from dist_scripts.procs import REPO, clean_env, run
-from test_train import TRAIN, train_args
+from dist_scripts.procs import REPO, clean_env, run, run_here
+from test_train import train_args
 
 from ognet.data.foreign import index_folder
 from ognet.data.shards import INDEX_NAME, ShardReader, load_index, stream_split
 from ognet.errors import ShardError
+from ognet.train import main as train_main
 
 
 def stem(path: str) -> str:
@@ -160,10 +161,7 @@ def test_training_and_evaluation_on_foreign_shards(tiny_root, tmp_path):
         write_with_tarwriter(tiny_root, split, data / split, with_json=True, per_shard=10)
         index_folder(data / split)
     run_dir = tmp_path / "run"
-    run(
-        [sys.executable, TRAIN, *train_args(data, run_dir, "train.epochs=1", "train.max_steps_per_epoch=2")],
-        timeout=300,
-    )
+    run_here(train_main, train_args(data, run_dir, "train.epochs=1", "train.max_steps_per_epoch=2"))
     metrics = json.loads((run_dir / "metrics-eval.json").read_text())
     assert metrics["num_queries"] > 0 and 0 <= metrics["mAP"] <= 1
     assert (run_dir / "model_last.pt").exists()

@@ -8,7 +8,6 @@ import json
 import logging
 import re
 import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -25,6 +24,7 @@ from ognet.data.stream import epoch_shards
 from ognet.dist import DistInfo
 from ognet.errors import ConfigError, ShardError
 from ognet.evaluate import _eval_loader
+from ognet.evaluate import main as evaluate_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -212,7 +212,7 @@ def test_two_rank_stream_training_and_evaluation_over_http_equal_local(tiny_shar
     """torchrun, 2 ranks x 2 workers, data.access=stream from an HTTP URL and from the same files on
     disk: the same batches, so the same weights and metrics; the evaluation's metrics also equal
     those of indexed evaluation of the same weights; nothing is written to the cache."""
-    from dist_scripts.procs import REPO, TORCHRUN, run
+    from dist_scripts.procs import TORCHRUN, run, run_here
     from test_train import TRAIN, assert_same_weights, train_args
 
     cache = tmp_path / "cache"
@@ -231,12 +231,7 @@ def test_two_rank_stream_training_and_evaluation_over_http_equal_local(tiny_shar
     assert local["num_queries"] == 12
 
     indexed = tmp_path / "indexed-eval"  # the same weights evaluated by offset, one process
-    evaluate = [
-        sys.executable,
-        str(REPO / "launch" / "evaluate.py"),
-        "--checkpoint",
-        str(tmp_path / "http" / "model_last.pt"),
-    ]
-    run([*evaluate, *train_args(tiny_shards, indexed, "eval.rank_list_queries=0")], timeout=300)
+    checkpoint = str(tmp_path / "http" / "model_last.pt")
+    run_here(evaluate_main, ["--checkpoint", checkpoint, *train_args(tiny_shards, indexed, "eval.rank_list_queries=0")])
     again = json.loads((indexed / "metrics-eval.json").read_text())
     assert {k: again[k] for k in ("rank1", "mAP", "mINP")} == {k: local[k] for k in ("rank1", "mAP", "mINP")}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from data_fixtures import tiny_shards  # noqa: F401  (fixture)
-from dist_scripts.procs import REPO, TORCHRUN, clean_env, finish, run, start_slurm_tasks
+from dist_scripts.procs import REPO, TORCHRUN, clean_env, finish, run, run_here, start_slurm_tasks
 from picture_checks import hparams_metrics
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -21,6 +21,8 @@ from ognet import dist
 from ognet.checkpoint import checkpoint_steps, load_checkpoint
 from ognet.config import load_config
 from ognet.data.loading import TrainData
+from ognet.evaluate import main as evaluate_main
+from ognet.train import main as train_main
 
 TRAIN = str(REPO / "launch" / "train.py")
 
@@ -128,7 +130,7 @@ def test_single_process_run_writes_checkpoints_metrics_and_tensorboard(tiny_shar
 def test_resume_mid_epoch_replays_bit_identically(tiny_shards, tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     args = ("train.checkpoint_every_steps=1", "train.keep_checkpoints=10", "eval.rank_list_queries=0")
-    run([sys.executable, TRAIN, *train_args(tiny_shards, full, *args)], timeout=300)
+    run_here(train_main, train_args(tiny_shards, full, *args))  # in this process: no process boundary needed
 
     # Pretend the run died after global step 4 (epoch 1, step 1): keep only what existed then.
     shutil.copytree(full, resumed)
@@ -136,7 +138,7 @@ def test_resume_mid_epoch_replays_bit_identically(tiny_shards, tmp_path):
         if step > 4:
             path.unlink()
     (resumed / "model_last.pt").unlink()
-    proc = run([sys.executable, TRAIN, *train_args(tiny_shards, resumed, *args)], timeout=300)
+    proc = run_here(train_main, train_args(tiny_shards, resumed, *args))
     assert "resumed from" in proc.stdout and "epoch 1 step 1" in proc.stdout
     assert_same_weights(full / "model_last.pt", resumed / "model_last.pt")
 
@@ -154,14 +156,13 @@ def test_two_rank_ddp_run_learns_as_one_process_would(tiny_shards, tmp_path):
     assert "on 2 x cpu (ddp, fp32)" in proc.stdout
     assert_loss_falls(two)
     # Epochs only set the cosine's length, and epoch 0 runs at the full learning rate in both.
-    run([sys.executable, TRAIN, *train_args(tiny_shards, one, *extra, "train.epochs=1")], timeout=300)
+    run_here(train_main, train_args(tiny_shards, one, *extra, "train.epochs=1"))  # one process: this one
     # float32 rounding differs between 1 x 8 and 2 x 4 and grows with each step at lr 4e-3 (the losses
     # are 1e-6 apart up to step 4, 1e-4 at step 5): the weights after 3 steps, statistics included.
     assert_close_weights(two / "checkpoints" / "step-00000003.pt", one / "checkpoints" / "step-00000003.pt")
     # The evaluation inside the 2-rank run used rank 0's BN statistics on both ranks: evaluating the
     # saved weights in a plain process gives the same numbers.
-    evaluate = [sys.executable, str(REPO / "launch" / "evaluate.py"), "--checkpoint", str(two / "model_last.pt")]
-    run([*evaluate, *train_args(tiny_shards, two / "eval")], timeout=300)
+    run_here(evaluate_main, ["--checkpoint", str(two / "model_last.pt"), *train_args(tiny_shards, two / "eval")])
     after = json.loads((two / "eval" / "metrics-eval.json").read_text())
     during = json.loads((two / "metrics-eval.json").read_text())
     assert during["num_queries"] == 12
@@ -221,9 +222,8 @@ def test_deepspeed_learns_checkpoints_per_rank_and_resumes_a_preempted_run(
 
 
 def test_bad_config_key_fails_before_any_work(tiny_shards, tmp_path):
-    cmd = [sys.executable, TRAIN, *train_args(tiny_shards, tmp_path / "run", "train.epoch=3")]
-    proc = __import__("subprocess").run(cmd, env=clean_env(), capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0
+    proc = run_here(train_main, train_args(tiny_shards, tmp_path / "run", "train.epoch=3"), check=False)
+    assert proc.returncode == 1
     assert "unknown config key train.epoch" in proc.stderr
     assert not (tmp_path / "run").exists()
 

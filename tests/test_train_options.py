@@ -11,13 +11,14 @@ import sys
 import pytest
 import torch
 from data_fixtures import tiny_shards  # noqa: F401  (fixture)
-from dist_scripts.procs import clean_env, run
+from dist_scripts.procs import clean_env, run_here
 from test_faults_processes import Run
 from test_train import TRAIN, train_args, weights
 
 from ognet.checkpoint import checkpoint_steps, load_checkpoint
 from ognet.errors import PREEMPTED_EXIT_CODE
 from ognet.model import build_from_spec
+from ognet.train import main as train_main
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +33,7 @@ def test_weight_averaging_in_bf16_writes_the_averaged_model_with_re_estimated_st
         "train.precision=bf16",
         "train.keep_checkpoints=5",
     )
-    proc = run([sys.executable, TRAIN, *train_args(tiny_shards, run_dir, *extra)], timeout=300)
+    proc = run_here(train_main, train_args(tiny_shards, run_dir, *extra))
     assert "(ddp, bf16)" in proc.stdout and "average: Rank@1:" in proc.stdout
 
     epoch_ends = dict(checkpoint_steps(run_dir / "checkpoints"))  # {global step: path}
@@ -51,8 +52,8 @@ def test_weight_averaging_in_bf16_writes_the_averaged_model_with_re_estimated_st
 
 def test_sigterm_checkpoints_exits_75_and_the_same_command_resumes(tiny_shards, tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-u", TRAIN, *train_args(tiny_shards, run_dir, "train.epochs=2", "eval.rank_list_queries=0")]
-    stopped = Run(cmd, env=clean_env())
+    args = train_args(tiny_shards, run_dir, "train.epochs=2", "eval.rank_list_queries=0")
+    stopped = Run([sys.executable, "-u", TRAIN, *args], env=clean_env())
     try:
         stopped.wait_for("epoch 0 step 1/3", timeout=180)
         stopped.proc.send_signal(signal.SIGTERM)
@@ -64,6 +65,6 @@ def test_sigterm_checkpoints_exits_75_and_the_same_command_resumes(tiny_shards, 
     (step, path), *_ = checkpoint_steps(run_dir / "checkpoints")
     assert 1 <= step < 6 and not (run_dir / "model_last.pt").exists()
 
-    proc = run(cmd, timeout=300)
+    proc = run_here(train_main, args)  # the same command (in this process: nothing to kill any more)
     assert f"resumed from {path}" in proc.stdout and "epoch 1 step 3/3" in proc.stdout
     assert (run_dir / "model_last.pt").exists()

@@ -6,11 +6,16 @@ the processes' output.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import random
 import socket
 import subprocess
 import sys
+import traceback
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,6 +55,36 @@ def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 120)
     except subprocess.TimeoutExpired as e:
         raise AssertionError(f"{cmd} timed out after {timeout} s\n{e.stdout}\n{e.stderr}") from None
     assert proc.returncode == 0, f"{cmd} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def run_here(main: Callable[[list[str]], None], argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    """An ognet command's `main(argv)` run in this process, its exit and output reported as `run`
+    reports a process's: for tests that need no process boundary, it saves a process's start-up
+    (importing torch and torch._dynamo: about 3 CPU-s). It runs on one thread, as `clean_env`'s
+    processes do, so that its results equal theirs bit for bit. The exit status is what the process
+    would have had (a `sys.exit` message: printed to stderr, status 1; an exception: its traceback, 1)."""
+    import torch
+
+    out, err = io.StringIO(), io.StringIO()
+    status, threads = 0, torch.get_num_threads()
+    torch.set_num_threads(1)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        # torchrun's `record` enables faulthandler on stderr, which a StringIO cannot take (no fileno)
+        warnings.filterwarnings("ignore", "Unable to enable fault handler")
+        try:
+            main(argv)
+        except SystemExit as e:
+            status = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        except Exception:  # noqa: BLE001  (a process would print it and exit 1)
+            traceback.print_exc()
+            status = 1
+        finally:
+            torch.set_num_threads(threads)
+    proc = subprocess.CompletedProcess(argv, status, out.getvalue(), err.getvalue())
+    assert not check or status == 0, f"{main.__module__}.main{argv} exited {status}\n{proc.stdout}\n{proc.stderr}"
     return proc
 
 
