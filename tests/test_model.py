@@ -178,20 +178,38 @@ def test_same_seed_same_init_and_outputs():
 
 
 def test_bf16_autocast_forward_and_backward_on_cpu():
+    """bf16 autocast computes the float32 model's features and gradients to bf16's precision.
+    Measured (4 seeds, train mode, batch 4): feature cosine 0.967-0.977 (two clouds' features: -0.35),
+    the cosine of all parameter gradients 0.70-0.78 (8-bit mantissas through a batch of 4's
+    statistics); a wrong cast, sign or dropped term would come nowhere near."""
     torch.manual_seed(0)
-    model = build_model("ognet", 10, init_points=160).train()
+    model = build_model("ognet", 10, init_points=160, dropout=0.0).train()
+    inputs, params = cloud(4, 320), list(model.parameters())
+    direction = torch.randn(4, 512, generator=torch.Generator().manual_seed(9))
+
+    def features_and_gradient(out) -> tuple[torch.Tensor, torch.Tensor]:
+        grads = torch.autograd.grad((out.feature.float() * direction).sum(), params, allow_unused=True)
+        return out.feature.float(), torch.cat([g.flatten() for g in grads if g is not None])
+
+    want, want_grad = features_and_gradient(model(*inputs))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(*cloud(2, 320))
-    assert torch.isfinite(out.logits.float()).all() and out.feature.shape == (2, 512)
-    out.logits.float().sum().backward()
-    assert torch.isfinite(model.conv[0].weight.grad).all()
+        out = model(*inputs)
+    assert out.feature.dtype == torch.bfloat16
+    got, got_grad = features_and_gradient(out)
+    cosine = torch.nn.functional.cosine_similarity
+    assert cosine(got, want).min() > 0.95 and torch.isfinite(got_grad).all()
+    assert got_grad.shape == want_grad.shape and cosine(got_grad, want_grad, dim=0) > 0.6
 
 
-def test_eval_batch_of_one():
+def test_eval_batch_of_one_gives_the_cloud_s_feature_in_a_batch():
+    """In eval mode a cloud's feature does not depend on the clouds batched with it."""
+    torch.manual_seed(0)
     model = build_model("ognet-deep", 10).eval()
+    xyz, rgb = cloud(3, 1024)
     with torch.no_grad():
-        out = model(*cloud(1, 1024))
-    assert out.feature.shape == (1, 512)
+        alone, together = model(xyz[1:2], rgb[1:2]).feature, model(xyz, rgb).feature
+    assert alone.shape == (1, 512)
+    torch.testing.assert_close(alone[0], together[1], rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
