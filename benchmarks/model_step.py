@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import cpu_model
+from common import commit, cpu_model, load_average
 
 from ognet.model import VARIANTS, OGNet, build_model, ops  # noqa: E402
 
@@ -181,21 +181,21 @@ def measure_memory(variant: str, path: str, batch: int, points: int) -> dict:
 
 
 def machine() -> dict[str, str]:
-    cpu = cpu_model()
     return {
-        "cpu": cpu,
+        "commit": commit(),
+        "cpu": cpu_model(),
         "cores": str(os.cpu_count()),
         "torch threads": str(torch.get_num_threads()),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "load average (1, 5, 15 min) at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "load average (1, 5, 15 min) at start": load_average(),
     }
 
 
 def report(args: argparse.Namespace, results: list[dict], memory: list[dict], info: dict[str, str]) -> str:
     lines = [f"Command: `python benchmarks/model_step.py {' '.join(sys.argv[1:])}`", ""]
     lines += [f"- {k}: {v}" for k, v in info.items()]
-    lines += [f"- load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", ""]
+    lines += [f"- load average at end: {load_average()}", ""]
     lines += [
         f"Training step (forward, loss, backward, Adam) at batch {args.batch} x {args.points} points,"
         f" {NUM_CLASSES} classes, fp32. Both paths timed interleaved, {args.repeats} repeats after a warm-up;"
