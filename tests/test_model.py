@@ -201,7 +201,7 @@ def test_bf16_autocast_forward_and_backward_on_cpu():
     assert got_grad.shape == want_grad.shape and cosine(got_grad, want_grad, dim=0) > 0.6
 
 
-def test_eval_batch_of_one_gives_the_cloud_s_feature_in_a_batch():
+def test_eval_feature_of_a_cloud_alone_equals_its_feature_in_a_batch():
     """In eval mode a cloud's feature does not depend on the clouds batched with it."""
     torch.manual_seed(0)
     model = build_model("ognet-deep", 10).eval()
